@@ -1,0 +1,168 @@
+//! The affinity cookie: an opaque pin derived as HMAC-SHA256(secret, backend id), so it reveals
+//! neither address nor id, is stable across restarts and across instances sharing the secret, and
+//! cannot be forged to reach anything but a configured backend.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use cookie::Cookie;
+use hmac::{Hmac, Mac};
+use http::header::{HeaderMap, HeaderValue, COOKIE};
+use sha2::Sha256;
+
+use crate::config::{AffinityConfig, SameSite};
+
+/// Bytes of the MAC kept in the cookie: 128 bits is beyond guessing and keeps the cookie short.
+const TOKEN_BYTES: usize = 16;
+/// Domain separation, so the same secret used elsewhere never yields the same values.
+const CONTEXT: &[u8] = b"stickylb-pin-v1:";
+
+/// Derives the cookie value that pins a client to `backend_id`.
+pub fn token(secret: &[u8], backend_id: &str) -> String {
+    // HMAC accepts keys of any length, so this cannot fail.
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).unwrap_or_else(|_| unreachable!());
+    mac.update(CONTEXT);
+    mac.update(backend_id.as_bytes());
+    URL_SAFE_NO_PAD.encode(&mac.finalize().into_bytes()[..TOKEN_BYTES])
+}
+
+/// The full `Set-Cookie` value that pins a client to a backend, built once per routing snapshot.
+pub fn set_cookie(cfg: &AffinityConfig, token: &str) -> HeaderValue {
+    let same_site = match cfg.same_site {
+        SameSite::Lax => cookie::SameSite::Lax,
+        SameSite::Strict => cookie::SameSite::Strict,
+        SameSite::None => cookie::SameSite::None,
+    };
+    let mut c = Cookie::build((cfg.cookie.as_str(), token))
+        .path("/")
+        .http_only(cfg.http_only)
+        .secure(cfg.secure)
+        .same_site(same_site)
+        .build();
+    if let Some(age) = cfg.max_age {
+        let secs = i64::try_from(age.as_secs()).unwrap_or(i64::MAX);
+        c.set_max_age(cookie::time::Duration::seconds(secs));
+    }
+    // Name and token are validated token characters, so the value is always a valid header.
+    HeaderValue::from_str(&c.to_string()).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// Removes every cookie called `name` from the request's `Cookie` headers and returns their values
+/// in the order the client sent them. Other cookies are forwarded byte for byte; a header left
+/// empty is dropped.
+pub fn take(headers: &mut HeaderMap, name: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let holds_ours = headers.get_all(COOKIE).iter().any(|v| mentions(v, name));
+    if !holds_ours {
+        return found;
+    }
+    let old: Vec<HeaderValue> = match headers.entry(COOKIE) {
+        http::header::Entry::Occupied(e) => e.remove_entry_mult().1.collect(),
+        http::header::Entry::Vacant(_) => return found,
+    };
+    for value in old {
+        if !mentions(&value, name) {
+            headers.append(COOKIE, value);
+            continue;
+        }
+        let Ok(text) = value.to_str() else { continue };
+        let kept = strip(text, name, &mut found);
+        if kept.is_empty() {
+            continue;
+        }
+        if let Ok(v) = HeaderValue::from_str(&kept) {
+            headers.append(COOKIE, v);
+        }
+    }
+    found
+}
+
+fn mentions(value: &HeaderValue, name: &str) -> bool {
+    let (hay, needle) = (value.as_bytes(), name.as_bytes());
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Splits a cookie-string into its pairs (RFC 6265 section 4.2.1 separator), lets the `cookie`
+/// crate parse each pair, and keeps every pair that is not ours exactly as it was sent.
+fn strip(text: &str, name: &str, found: &mut Vec<String>) -> String {
+    let mut kept: Vec<&str> = Vec::new();
+    for pair in text.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+        match Cookie::parse(pair) {
+            Ok(c) if c.name() == name => found.push(c.value().to_string()),
+            _ => kept.push(pair),
+        }
+    }
+    kept.join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(COOKIE, HeaderValue::from_str(v).expect("valid"));
+        }
+        h
+    }
+
+    fn cookies(h: &HeaderMap) -> Vec<&str> {
+        h.get_all(COOKIE)
+            .iter()
+            .map(|v| v.to_str().expect("ascii"))
+            .collect()
+    }
+
+    #[test]
+    fn token_is_opaque_stable_and_keyed() {
+        let t = token(b"secret-one-secret-one", "backend-a");
+        assert_eq!(t, token(b"secret-one-secret-one", "backend-a"));
+        assert_ne!(t, token(b"secret-two-secret-two", "backend-a"));
+        assert_ne!(t, token(b"secret-one-secret-one", "backend-b"));
+        assert_eq!(t.len(), 22);
+        assert!(!t.contains("backend"));
+    }
+
+    #[test]
+    fn take_removes_ours_and_keeps_the_rest_verbatim() {
+        let mut h = headers(&["a=1; stickylb=tok; b=\"q v\"", "c=3"]);
+        assert_eq!(take(&mut h, "stickylb"), vec!["tok"]);
+        assert_eq!(cookies(&h), vec!["a=1; b=\"q v\"", "c=3"]);
+    }
+
+    #[test]
+    fn take_collects_every_copy_in_order() {
+        let mut h = headers(&["stickylb=one; x=1; stickylb=two"]);
+        assert_eq!(take(&mut h, "stickylb"), vec!["one", "two"]);
+        assert_eq!(cookies(&h), vec!["x=1"]);
+    }
+
+    #[test]
+    fn take_drops_a_header_left_empty_and_ignores_lookalikes() {
+        let mut h = headers(&["stickylb=one"]);
+        assert_eq!(take(&mut h, "stickylb"), vec!["one"]);
+        assert!(h.get(COOKIE).is_none());
+        let mut h = headers(&["stickylb2=x; xstickylb=y; flag"]);
+        assert!(take(&mut h, "stickylb").is_empty());
+        assert_eq!(cookies(&h), vec!["stickylb2=x; xstickylb=y; flag"]);
+    }
+
+    #[test]
+    fn set_cookie_carries_the_configured_attributes() {
+        let cfg = AffinityConfig {
+            cookie: "lb".into(),
+            secret: vec![1; 32],
+            secret_source: crate::config::SecretSource::File,
+            http_only: true,
+            secure: true,
+            same_site: SameSite::Strict,
+            max_age: Some(std::time::Duration::from_secs(3600)),
+        };
+        let v = set_cookie(&cfg, "TOKEN");
+        let c = Cookie::parse(v.to_str().expect("ascii")).expect("parses");
+        assert_eq!((c.name(), c.value(), c.path()), ("lb", "TOKEN", Some("/")));
+        assert_eq!((c.http_only(), c.secure()), (Some(true), Some(true)));
+        assert_eq!(c.same_site(), Some(cookie::SameSite::Strict));
+        assert_eq!(c.max_age(), Some(cookie::time::Duration::hours(1)));
+    }
+}

@@ -1,0 +1,145 @@
+//! Body types at both edges of the proxy. Bodies stream frame by frame; nothing buffers a whole
+//! body.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+
+use crate::backend::InFlight;
+
+type Slot = Arc<Mutex<Option<Incoming>>>;
+
+/// A request body that can be handed to another backend if the first attempt never read it
+/// (a failed connect), so even a POST fails over when nothing was sent.
+#[derive(Debug, Default)]
+pub struct UpstreamBody {
+    slot: Option<Slot>,
+    taken: Option<Incoming>,
+    hint: SizeHint,
+}
+
+/// Owns a client's request body across attempts.
+#[derive(Debug)]
+pub struct Replayable {
+    slot: Option<Slot>,
+    hint: SizeHint,
+}
+
+impl Replayable {
+    pub fn new(body: Incoming) -> Self {
+        let hint = body.size_hint();
+        let slot = (!body.is_end_stream()).then(|| Arc::new(Mutex::new(Some(body))));
+        Self { slot, hint }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slot.is_none()
+    }
+
+    /// The body for one attempt. It takes the client's stream out of the slot on first read.
+    pub fn attempt(&self) -> UpstreamBody {
+        UpstreamBody {
+            slot: self.slot.clone(),
+            taken: None,
+            hint: self.hint,
+        }
+    }
+
+    /// True while no attempt has read from the stream, so another attempt can still send it whole.
+    pub fn unread(&self) -> bool {
+        self.slot
+            .as_ref()
+            .is_none_or(|s| s.lock().unwrap_or_else(PoisonError::into_inner).is_some())
+    }
+}
+
+impl UpstreamBody {
+    pub fn empty() -> Self {
+        Self {
+            slot: None,
+            taken: None,
+            hint: SizeHint::with_exact(0),
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if self.taken.is_none() {
+            let Some(slot) = self.slot.take() else {
+                return Poll::Ready(None);
+            };
+            self.taken = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+        }
+        match self.taken.as_mut() {
+            Some(body) => Pin::new(body).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.slot.is_none() && self.taken.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.taken
+            .as_ref()
+            .map_or_else(|| self.hint, Body::size_hint)
+    }
+}
+
+/// What the proxy answers with: a backend's streaming body, or a short local one (errors).
+#[derive(Debug)]
+pub enum ProxyBody {
+    /// Keeps the backend's in-flight count up until the body is fully sent or dropped.
+    Upstream(Incoming, InFlight),
+    Local(Full<Bytes>),
+}
+
+impl ProxyBody {
+    pub fn local(text: &'static str) -> Self {
+        Self::Local(Full::new(Bytes::from_static(text.as_bytes())))
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Self::Upstream(body, _) => Pin::new(body).poll_frame(cx),
+            Self::Local(full) => Pin::new(full)
+                .poll_frame(cx)
+                .map_err(|never| match never {}),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Upstream(body, _) => body.is_end_stream(),
+            Self::Local(full) => full.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Upstream(body, _) => body.size_hint(),
+            Self::Local(full) => full.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,706 @@
+//! Two-layer configuration: `raw` mirrors `config.toml` for serde (unknown keys are errors), and
+//! [`Config`] is what the rest of the proxy trusts. Validation returns [`ConfigError`] and never
+//! panics, because a hot reload must be able to reject a bad file and keep serving.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::uri::Authority;
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Environment variable that overrides `[affinity] secret`, so the key can stay out of the file.
+pub const SECRET_ENV: &str = "STICKYLB_SECRET";
+/// Largest accepted backend weight; bounds the round-robin wheel.
+pub const MAX_WEIGHT: u32 = 1000;
+
+/// A configuration problem, located precisely enough to fix without reading the source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based line, when the problem is tied to one place in the file.
+    pub line: Option<usize>,
+    /// Dotted key path such as `backends[1].weight`; empty for whole-file problems.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": key `{}`", self.key)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SameSite {
+    Lax,
+    Strict,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    RoundRobin,
+    LeastConnections,
+}
+
+/// Where the affinity secret came from; a generated one means pins do not survive a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretSource {
+    File,
+    Env,
+    Generated,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: PathBuf,
+    pub listener: ListenerConfig,
+    pub affinity: AffinityConfig,
+    pub balancer: BalancerConfig,
+    pub health: HealthConfig,
+    pub timeouts: TimeoutConfig,
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub address: SocketAddr,
+}
+
+#[derive(Clone)]
+pub struct AffinityConfig {
+    pub cookie: String,
+    pub secret: Vec<u8>,
+    pub secret_source: SecretSource,
+    pub http_only: bool,
+    pub secure: bool,
+    pub same_site: SameSite,
+    pub max_age: Option<Duration>,
+}
+
+impl fmt::Debug for AffinityConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AffinityConfig")
+            .field("cookie", &self.cookie)
+            .field("secret", &"<redacted>")
+            .field("secret_source", &self.secret_source)
+            .field("http_only", &self.http_only)
+            .field("secure", &self.secure)
+            .field("same_site", &self.same_site)
+            .field("max_age", &self.max_age)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BalancerConfig {
+    pub algorithm: Algorithm,
+    pub retries: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: NonZeroU32,
+    pub fall: NonZeroU32,
+}
+
+#[derive(Debug, Clone)]
+pub struct TimeoutConfig {
+    pub client_header: Duration,
+    pub backend_connect: Duration,
+    pub backend_response: Duration,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    pub id: String,
+    pub address: Authority,
+    pub weight: NonZeroU32,
+}
+
+mod raw {
+    use super::*;
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Config {
+        pub listener: Listener,
+        #[serde(default)]
+        pub affinity: Affinity,
+        #[serde(default)]
+        pub balancer: Balancer,
+        #[serde(default)]
+        pub health: Health,
+        #[serde(default)]
+        pub timeouts: Timeouts,
+        #[serde(default)]
+        pub backends: Vec<Backend>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Listener {
+        pub address: Spanned<String>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Affinity {
+        pub cookie: Spanned<String>,
+        pub secret: Option<Spanned<String>>,
+        pub http_only: bool,
+        pub secure: bool,
+        pub same_site: Spanned<SameSite>,
+        #[serde(with = "humantime_serde")]
+        pub max_age: Option<Duration>,
+    }
+
+    impl Default for Affinity {
+        fn default() -> Self {
+            Self {
+                cookie: Spanned::new(0..0, "stickylb".into()),
+                secret: None,
+                http_only: true,
+                secure: false,
+                same_site: Spanned::new(0..0, SameSite::Lax),
+                max_age: None,
+            }
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Balancer {
+        pub algorithm: Algorithm,
+        pub retries: Spanned<u32>,
+    }
+
+    impl Default for Balancer {
+        fn default() -> Self {
+            Self {
+                algorithm: Algorithm::RoundRobin,
+                retries: Spanned::new(0..0, 2),
+            }
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Health {
+        pub path: Spanned<String>,
+        #[serde(with = "humantime_serde")]
+        pub interval: Duration,
+        #[serde(with = "humantime_serde")]
+        pub timeout: Duration,
+        pub rise: NonZeroU32,
+        pub fall: NonZeroU32,
+    }
+
+    impl Default for Health {
+        fn default() -> Self {
+            Self {
+                path: Spanned::new(0..0, "/healthz".into()),
+                interval: Duration::from_secs(1),
+                timeout: Duration::from_millis(500),
+                rise: NonZeroU32::MIN.saturating_add(1),
+                fall: NonZeroU32::MIN.saturating_add(1),
+            }
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Timeouts {
+        #[serde(with = "humantime_serde")]
+        pub client_header: Duration,
+        #[serde(with = "humantime_serde")]
+        pub backend_connect: Duration,
+        #[serde(with = "humantime_serde")]
+        pub backend_response: Duration,
+        #[serde(with = "humantime_serde")]
+        pub shutdown_grace: Duration,
+    }
+
+    impl Default for Timeouts {
+        fn default() -> Self {
+            Self {
+                client_header: Duration::from_secs(10),
+                backend_connect: Duration::from_secs(2),
+                backend_response: Duration::from_secs(30),
+                shutdown_grace: Duration::from_secs(10),
+            }
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Backend {
+        pub id: Spanned<String>,
+        pub address: Spanned<String>,
+        #[serde(default = "one")]
+        pub weight: Spanned<NonZeroU32>,
+    }
+
+    fn one() -> Spanned<NonZeroU32> {
+        Spanned::new(0..0, NonZeroU32::MIN)
+    }
+}
+
+impl Config {
+    /// Reads and validates `path`. `env_secret` is the value of [`SECRET_ENV`], passed in so tests
+    /// do not depend on the process environment.
+    pub fn load(path: &Path, env_secret: Option<String>) -> Result<Self, ConfigError> {
+        let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            key: String::new(),
+            message: format!("cannot read file: {e}"),
+        })?;
+        Self::parse(&src, path, env_secret)
+    }
+
+    /// Validates configuration text; `file` is only used to label errors.
+    pub fn parse(src: &str, file: &Path, env_secret: Option<String>) -> Result<Self, ConfigError> {
+        let ctx = Ctx { src, file };
+        let de = toml::Deserializer::new(src);
+        let raw: raw::Config = serde_path_to_error::deserialize(de).map_err(|e| ctx.serde(e))?;
+        validate(raw, &ctx, env_secret)
+    }
+}
+
+/// Source text and file name, to turn byte spans into `file:line` errors.
+struct Ctx<'a> {
+    src: &'a str,
+    file: &'a Path,
+}
+
+impl Ctx<'_> {
+    fn line_of(&self, span: std::ops::Range<usize>) -> Option<usize> {
+        if span.is_empty() && span.start == 0 {
+            return None; // a default value: it has no place in the file
+        }
+        let upto = self.src.get(..span.start)?;
+        Some(upto.bytes().filter(|&b| b == b'\n').count() + 1)
+    }
+
+    fn error(&self, span: std::ops::Range<usize>, key: &str, message: String) -> ConfigError {
+        ConfigError {
+            file: self.file.to_path_buf(),
+            line: self.line_of(span),
+            key: key.to_string(),
+            message,
+        }
+    }
+
+    fn serde(&self, e: serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
+        // `Spanned` fields add a private segment to the path; it means nothing to a user.
+        let path = e
+            .path()
+            .to_string()
+            .replace(".$__serde_spanned_private_value", "");
+        let key = if path == "." { String::new() } else { path };
+        let inner = e.into_inner();
+        let span = inner.span().unwrap_or(0..0);
+        let mut message = inner.message().trim().to_string();
+        if message.contains("expected a duration") {
+            message.push_str(" (durations look like \"500ms\", \"2s\", \"1m\", \"1h\")");
+        }
+        ConfigError {
+            line: self.line_of(span).or(Some(1)),
+            ..self.error(0..0, &key, message)
+        }
+    }
+}
+
+fn validate(
+    raw: raw::Config,
+    ctx: &Ctx,
+    env_secret: Option<String>,
+) -> Result<Config, ConfigError> {
+    let listener = ListenerConfig {
+        address: socket_addr(&raw.listener.address, ctx)?,
+    };
+    let affinity = affinity(raw.affinity, ctx, env_secret)?;
+    let health = health(raw.health, ctx)?;
+    let retries = *raw.balancer.retries.get_ref();
+    if retries > 16 {
+        let span = raw.balancer.retries.span();
+        return Err(ctx.error(
+            span,
+            "balancer.retries",
+            format!("{retries} is too many: valid values are 0 to 16"),
+        ));
+    }
+    let backends = backends(raw.backends, ctx)?;
+    Ok(Config {
+        file: ctx.file.to_path_buf(),
+        listener,
+        affinity,
+        balancer: BalancerConfig {
+            algorithm: raw.balancer.algorithm,
+            retries,
+        },
+        health,
+        timeouts: timeouts(raw.timeouts, ctx)?,
+        backends,
+    })
+}
+
+fn socket_addr(value: &Spanned<String>, ctx: &Ctx) -> Result<SocketAddr, ConfigError> {
+    value.get_ref().parse().map_err(|_| {
+        let msg = format!(
+            "invalid address {:?}: expected IP:port, e.g. \"127.0.0.1:8080\" or \"[::1]:8080\"",
+            value.get_ref()
+        );
+        ctx.error(value.span(), "listener.address", msg)
+    })
+}
+
+fn affinity(
+    raw: raw::Affinity,
+    ctx: &Ctx,
+    env_secret: Option<String>,
+) -> Result<AffinityConfig, ConfigError> {
+    let name = raw.cookie.get_ref();
+    if name.is_empty() || !name.bytes().all(is_cookie_name_byte) {
+        let msg = format!("invalid cookie name {name:?}: use letters, digits and !#$%&'*+-.^_`|~");
+        return Err(ctx.error(raw.cookie.span(), "affinity.cookie", msg));
+    }
+    let same_site = *raw.same_site.get_ref();
+    if same_site == SameSite::None && !raw.secure {
+        let msg = "same_site = \"none\" needs secure = true (browsers drop such cookies otherwise)"
+            .to_string();
+        return Err(ctx.error(raw.same_site.span(), "affinity.same_site", msg));
+    }
+    let (secret, secret_source) = match (env_secret.filter(|s| !s.is_empty()), raw.secret) {
+        (Some(env), _) => (env.into_bytes(), SecretSource::Env),
+        (None, Some(s)) if s.get_ref().len() < 16 => {
+            let msg = "secret is too short: use at least 16 characters (32 random ones are best)"
+                .to_string();
+            return Err(ctx.error(s.span(), "affinity.secret", msg));
+        }
+        (None, Some(s)) => (s.into_inner().into_bytes(), SecretSource::File),
+        (None, None) => (rand::random::<[u8; 32]>().to_vec(), SecretSource::Generated),
+    };
+    if raw.max_age.is_some_and(|d| d.as_secs() == 0) {
+        return Err(ctx.error(
+            0..0,
+            "affinity.max_age",
+            "must be at least 1s; remove it for a session cookie".into(),
+        ));
+    }
+    Ok(AffinityConfig {
+        cookie: raw.cookie.into_inner(),
+        secret,
+        secret_source,
+        http_only: raw.http_only,
+        secure: raw.secure,
+        same_site,
+        max_age: raw.max_age,
+    })
+}
+
+/// RFC 6265 cookie-name characters (an HTTP token).
+fn is_cookie_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn health(raw: raw::Health, ctx: &Ctx) -> Result<HealthConfig, ConfigError> {
+    let path = raw.path.get_ref();
+    if !path.starts_with('/') || path.parse::<http::uri::PathAndQuery>().is_err() {
+        let msg = format!("invalid path {path:?}: expected an absolute path such as \"/healthz\"");
+        return Err(ctx.error(raw.path.span(), "health.path", msg));
+    }
+    for (key, value) in [
+        ("health.interval", raw.interval),
+        ("health.timeout", raw.timeout),
+    ] {
+        if value < Duration::from_millis(10) {
+            return Err(ctx.error(
+                0..0,
+                key,
+                format!(
+                    "{} is too short: the minimum is 10ms",
+                    humantime::format_duration(value)
+                ),
+            ));
+        }
+    }
+    Ok(HealthConfig {
+        path: raw.path.into_inner(),
+        interval: raw.interval,
+        timeout: raw.timeout,
+        rise: raw.rise,
+        fall: raw.fall,
+    })
+}
+
+fn timeouts(raw: raw::Timeouts, ctx: &Ctx) -> Result<TimeoutConfig, ConfigError> {
+    let all = [
+        ("timeouts.client_header", raw.client_header),
+        ("timeouts.backend_connect", raw.backend_connect),
+        ("timeouts.backend_response", raw.backend_response),
+    ];
+    for (key, value) in all {
+        if value < Duration::from_millis(1) {
+            return Err(ctx.error(0..0, key, "must be at least 1ms".into()));
+        }
+    }
+    Ok(TimeoutConfig {
+        client_header: raw.client_header,
+        backend_connect: raw.backend_connect,
+        backend_response: raw.backend_response,
+        shutdown_grace: raw.shutdown_grace,
+    })
+}
+
+fn backends(raw: Vec<raw::Backend>, ctx: &Ctx) -> Result<Vec<BackendConfig>, ConfigError> {
+    if raw.is_empty() {
+        return Err(ctx.error(
+            0..0,
+            "backends",
+            "no backends: add at least one [[backends]] table with id and address".into(),
+        ));
+    }
+    let mut out: Vec<BackendConfig> = Vec::with_capacity(raw.len());
+    for (i, b) in raw.into_iter().enumerate() {
+        let id = b.id.get_ref();
+        let key = |k: &str| format!("backends[{i}].{k}");
+        if id.is_empty()
+            || !id
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c))
+        {
+            let msg = format!("invalid id {id:?}: use 1 to 64 letters, digits, '-', '_' or '.'");
+            return Err(ctx.error(b.id.span(), &key("id"), msg));
+        }
+        if id.len() > 64 {
+            return Err(ctx.error(
+                b.id.span(),
+                &key("id"),
+                "id is longer than 64 characters".into(),
+            ));
+        }
+        if out.iter().any(|o| o.id == *id) {
+            return Err(ctx.error(
+                b.id.span(),
+                &key("id"),
+                format!("duplicate id {id:?}: ids must be unique"),
+            ));
+        }
+        let weight = *b.weight.get_ref();
+        if weight.get() > MAX_WEIGHT {
+            let msg = format!("weight {weight} is too large: valid values are 1 to {MAX_WEIGHT}");
+            return Err(ctx.error(b.weight.span(), &key("weight"), msg));
+        }
+        let address = backend_address(&b.address)
+            .map_err(|m| ctx.error(b.address.span(), &key("address"), m))?;
+        out.push(BackendConfig {
+            id: b.id.into_inner(),
+            address,
+            weight,
+        });
+    }
+    Ok(out)
+}
+
+fn backend_address(value: &Spanned<String>) -> Result<Authority, String> {
+    let text = value.get_ref();
+    let bad = || {
+        format!("invalid address {text:?}: expected host:port, e.g. \"127.0.0.1:9001\" or \"app1.internal:8080\"")
+    };
+    let authority: Authority = text.parse().map_err(|_| bad())?;
+    if authority.port_u16().is_none()
+        || authority.as_str().contains('@')
+        || authority.host().is_empty()
+    {
+        return Err(bad());
+    }
+    Ok(authority)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[listener]
+address = "127.0.0.1:8080"
+
+[affinity]
+secret = "0123456789abcdef0123"
+
+[[backends]]
+id = "a"
+address = "127.0.0.1:9001"
+
+[[backends]]
+id = "b"
+address = "localhost:9002"
+weight = 3
+"#;
+
+    fn parse(src: &str) -> Result<Config, ConfigError> {
+        Config::parse(src, Path::new("test.toml"), None)
+    }
+
+    fn err(src: &str) -> ConfigError {
+        match parse(src) {
+            Ok(_) => panic!("expected an error for:\n{src}"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn good_config_gets_defaults() {
+        let c = parse(GOOD).expect("valid");
+        assert_eq!(c.affinity.cookie, "stickylb");
+        assert_eq!(c.affinity.secret_source, SecretSource::File);
+        assert_eq!(c.balancer.algorithm, Algorithm::RoundRobin);
+        assert_eq!(c.balancer.retries, 2);
+        assert_eq!(c.health.interval, Duration::from_secs(1));
+        assert_eq!(c.backends[1].weight.get(), 3);
+        assert_eq!(c.backends[1].address.as_str(), "localhost:9002");
+    }
+
+    #[test]
+    fn env_secret_overrides_file_and_missing_secret_is_generated() {
+        let c = Config::parse(GOOD, Path::new("x"), Some("from-env".into())).expect("valid");
+        assert_eq!(c.affinity.secret, b"from-env");
+        assert_eq!(c.affinity.secret_source, SecretSource::Env);
+        let no_secret = GOOD.replace("secret = \"0123456789abcdef0123\"", "");
+        let c = parse(&no_secret).expect("valid");
+        assert_eq!(c.affinity.secret_source, SecretSource::Generated);
+        assert_eq!(c.affinity.secret.len(), 32);
+    }
+
+    #[test]
+    fn errors_name_file_line_key_and_valid_values() {
+        let cases: &[(&str, &str, usize, &str, &str)] = &[
+            (
+                "algorithm = \"rnd\"",
+                "[balancer]\nalgorithm = \"rnd\"",
+                18,
+                "balancer.algorithm",
+                "least_connections",
+            ),
+            (
+                "same_site",
+                "[balancer]\nretries = 1\n[affinity.x]",
+                19,
+                "affinity.x",
+                "unknown field `x`",
+            ),
+            (
+                "unknown key",
+                "[health]\nbogus = 1",
+                18,
+                "health.bogus",
+                "expected one of `path`, `interval`",
+            ),
+            (
+                "bad duration",
+                "[health]\ninterval = \"fast\"",
+                18,
+                "health.interval",
+                "500ms",
+            ),
+            (
+                "zero rise",
+                "[health]\nrise = 0",
+                18,
+                "health.rise",
+                "nonzero",
+            ),
+        ];
+        for (name, extra, line, key, needle) in cases {
+            let e = err(&format!("{GOOD}\n{extra}\n"));
+            assert_eq!(e.file, Path::new("test.toml"), "{name}");
+            assert_eq!(e.line, Some(*line), "{name}: {e}");
+            assert_eq!(e.key, *key, "{name}: {e}");
+            assert!(e.to_string().contains(needle), "{name}: {e}");
+        }
+    }
+
+    #[test]
+    fn backend_errors_point_at_the_entry() {
+        let dup = GOOD.replace("id = \"b\"", "id = \"a\"");
+        let e = err(&dup);
+        assert_eq!(
+            (e.key.as_str(), e.line),
+            ("backends[1].id", Some(13)),
+            "{e}"
+        );
+        assert!(e.message.contains("duplicate"));
+
+        let e = err(&GOOD.replace("\"localhost:9002\"", "\"localhost\""));
+        assert_eq!(
+            (e.key.as_str(), e.line),
+            ("backends[1].address", Some(14)),
+            "{e}"
+        );
+        assert!(e.message.contains("host:port"));
+
+        let e = err(&GOOD.replace("weight = 3", "weight = 0"));
+        assert_eq!(e.key, "backends[1].weight", "{e}");
+        let e = err(&GOOD.replace("weight = 3", "weight = 5000"));
+        assert!(e.message.contains("1 to 1000"), "{e}");
+        let e = err(&GOOD.replace("id = \"b\"", "id = \"\""));
+        assert_eq!(e.key, "backends[1].id");
+    }
+
+    #[test]
+    fn whole_file_errors() {
+        let e = err("[listener]\naddress = \"127.0.0.1:1\"\n");
+        assert_eq!(e.key, "backends");
+        let e = err("[listener]\naddress = \"nope\"\n");
+        assert_eq!((e.key.as_str(), e.line), ("listener.address", Some(2)));
+        let e = err("not toml at all [");
+        assert!(e.line.is_some());
+        let e = err(&GOOD.replace("\"0123456789abcdef0123\"", "\"short\""));
+        assert_eq!(e.key, "affinity.secret");
+        let e = err(&format!("{GOOD}\n[affinity]\n"));
+        assert!(e.line.is_some(), "{e}");
+    }
+
+    #[test]
+    fn same_site_lists_valid_values() {
+        let e = err(&GOOD.replace("[affinity]", "[affinity]\nsame_site = \"loose\""));
+        assert_eq!(
+            (e.key.as_str(), e.line),
+            ("affinity.same_site", Some(6)),
+            "{e}"
+        );
+        assert!(e.message.contains("`lax`, `strict`, `none`"), "{e}");
+    }
+
+    #[test]
+    fn same_site_none_requires_secure() {
+        let src = GOOD.replace("[affinity]", "[affinity]\nsame_site = \"none\"");
+        assert_eq!(err(&src).key, "affinity.same_site");
+        let src = GOOD.replace(
+            "[affinity]",
+            "[affinity]\nsame_site = \"none\"\nsecure = true",
+        );
+        assert!(parse(&src).is_ok());
+    }
+}

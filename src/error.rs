@@ -1,0 +1,62 @@
+//! The one place where failures become client responses. Bodies are short and generic; the
+//! details (addresses, causes) go to the log.
+
+use std::time::Duration;
+
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderValue, Response, StatusCode};
+
+use crate::body::ProxyBody;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no backend is up")]
+    NoBackend,
+    #[error("upstream request failed")]
+    Upstream(#[source] hyper_util::client::legacy::Error),
+    #[error("upstream did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Upstream(_) => StatusCode::BAD_GATEWAY,
+            Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    pub fn into_response(self, retry_after: &HeaderValue) -> Response<ProxyBody> {
+        let status = self.status();
+        let text = match self {
+            Self::NoBackend => "503 Service Unavailable: no backend is available\n",
+            Self::Upstream(_) => "502 Bad Gateway: the upstream server failed\n",
+            Self::Timeout(_) => "504 Gateway Timeout: the upstream server did not answer in time\n",
+        };
+        let mut resp = Response::new(ProxyBody::local(text));
+        *resp.status_mut() = status;
+        let headers = resp.headers_mut();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(RETRY_AFTER, retry_after.clone());
+        }
+        resp
+    }
+}
+
+/// Renders an error with its sources, for logs.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

@@ -1,0 +1,112 @@
+//! Heartbeats: one task per backend probes `GET {path}` every interval and feeds the result to
+//! the backend's health machine. Tasks follow the routing snapshot: `sync` starts probes for new
+//! backends and stops those of removed ones.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::header::{HOST, USER_AGENT};
+use http::{HeaderValue, Request};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::task::JoinHandle;
+use tokio::time::MissedTickBehavior;
+
+use crate::backend::Backend;
+use crate::body::UpstreamBody;
+use crate::config::HealthConfig;
+use crate::error::chain;
+use crate::routing::Routing;
+
+const AGENT: &str = concat!("stickylb-health/", env!("CARGO_PKG_VERSION"));
+
+/// Owns the probe tasks; dropping it stops them.
+#[derive(Debug, Default)]
+pub struct Heartbeats {
+    tasks: HashMap<String, (Arc<Backend>, JoinHandle<()>)>,
+}
+
+impl Heartbeats {
+    /// Makes the running probes match `routing`: one per backend, with `cfg`'s settings.
+    pub fn sync(&mut self, routing: &Routing, cfg: &HealthConfig) {
+        let wanted: Vec<&Arc<Backend>> = routing.members.iter().map(|m| &m.backend).collect();
+        self.tasks.retain(|id, (backend, task)| {
+            let keep = wanted.iter().any(|b| Arc::ptr_eq(b, backend));
+            if !keep {
+                tracing::debug!(backend = %id, "heartbeat stopped");
+                task.abort();
+            }
+            keep
+        });
+        for backend in wanted {
+            if let Some((_, task)) = self.tasks.remove(&backend.id) {
+                task.abort(); // settings may have changed: restart with the new ones
+            }
+            let task = tokio::spawn(run(Arc::clone(backend), cfg.clone()));
+            self.tasks
+                .insert(backend.id.clone(), (Arc::clone(backend), task));
+        }
+    }
+}
+
+impl Drop for Heartbeats {
+    fn drop(&mut self) {
+        for (_, task) in self.tasks.values() {
+            task.abort();
+        }
+    }
+}
+
+async fn run(backend: Arc<Backend>, cfg: HealthConfig) {
+    // A fresh connection per probe, as a new client would make: a pooled one could hide a dead
+    // listener.
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(cfg.timeout));
+    connector.set_nodelay(true);
+    let client = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build(connector);
+    let mut tick = tokio::time::interval(cfg.interval);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let result = probe(&client, &backend, &cfg).await;
+        if let Err(reason) = &result {
+            tracing::debug!(backend = %backend.id, reason, "heartbeat failed");
+        }
+        backend.record_heartbeat(result);
+    }
+}
+
+async fn probe(
+    client: &Client<HttpConnector, UpstreamBody>,
+    backend: &Backend,
+    cfg: &HealthConfig,
+) -> Result<(), String> {
+    let uri = format!("http://{}{}", backend.address, cfg.path);
+    let req = Request::get(uri)
+        .header(USER_AGENT, AGENT)
+        .header(
+            HOST,
+            HeaderValue::from_str(backend.address.as_str()).map_err(|e| e.to_string())?,
+        )
+        .body(UpstreamBody::empty())
+        .map_err(|e| e.to_string())?;
+    let resp = match tokio::time::timeout(cfg.timeout, client.request(req)).await {
+        Err(_) => {
+            return Err(format!(
+                "heartbeat timed out after {}",
+                humantime::format_duration(cfg.timeout)
+            ))
+        }
+        Ok(Err(e)) => return Err(format!("heartbeat failed: {}", chain(&e))),
+        Ok(Ok(resp)) => resp,
+    };
+    let status = resp.status();
+    if status.is_success() || status.is_redirection() {
+        Ok(())
+    } else {
+        Err(format!("heartbeat answered {}", status.as_u16()))
+    }
+}

@@ -1,0 +1,78 @@
+//! stickylb: an HTTP load balancer whose job is sticky sessions with failover that keeps the
+//! session.
+//!
+//! Architecture, one job per module:
+//! - [`config`]: `config.toml` -> validated [`config::Config`]; errors name file, line and key.
+//! - [`affinity`]: the opaque HMAC pin cookie: derive, read and strip it, build `Set-Cookie`.
+//! - [`balancer`]: selection policies (one trait) ranking backends for new sessions.
+//! - [`routing`]: the immutable snapshot a request routes with, behind one `ArcSwap`.
+//! - [`backend`]: per-backend runtime state (health, in-flight, counters) shared across reloads.
+//! - [`health`]: the pure rise/fall state machine.
+//! - [`heartbeat`]: probe tasks that feed the health machine.
+//! - [`proxy`]: the forwarding loop: candidates in order, bounded attempts, re-pin on failover.
+//! - [`headers`]: hop-by-hop removal and `X-Forwarded-*`.
+//! - [`body`]: streaming request/response bodies, replayable until first read.
+//! - [`error`]: the one mapping from failures to 502/503/504.
+//! - [`server`]: accept loop, HTTP/1.1 + h2c, graceful shutdown.
+
+pub mod affinity;
+pub mod backend;
+pub mod balancer;
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod headers;
+pub mod health;
+pub mod heartbeat;
+pub mod proxy;
+pub mod routing;
+pub mod server;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+
+use crate::backend::Backend;
+use crate::config::Config;
+use crate::heartbeat::Heartbeats;
+use crate::proxy::Proxy;
+use crate::routing::Routing;
+
+/// A configured proxy, ready to serve on a listener the caller bound (tests bind port 0).
+#[derive(Clone)]
+pub struct Stickylb {
+    config: Config,
+    routing: Arc<ArcSwap<Routing>>,
+}
+
+impl Stickylb {
+    pub fn new(config: Config) -> Self {
+        let routing = Arc::new(ArcSwap::from_pointee(Routing::build(&config, None)));
+        Self { config, routing }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Runtime state of a backend, by id: for operators' tools and tests.
+    pub fn backend(&self, id: &str) -> Option<Arc<Backend>> {
+        self.routing.load().find(id).cloned()
+    }
+
+    /// Serves until `shutdown` resolves, then drains in-flight requests within the grace period.
+    pub async fn serve(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        let mut heartbeats = Heartbeats::default();
+        heartbeats.sync(&self.routing.load(), &self.config.health);
+        let client = proxy::upstream_client(self.config.timeouts.backend_connect);
+        let proxy = Arc::new(Proxy::new(Arc::clone(&self.routing), client));
+        let settings = server::ServerSettings {
+            client_header_timeout: self.config.timeouts.client_header,
+            shutdown_grace: self.config.timeouts.shutdown_grace,
+        };
+        server::serve(listener, proxy, settings, shutdown).await;
+        drop(heartbeats);
+    }
+}

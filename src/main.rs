@@ -1,0 +1,157 @@
+//! The `stickylb` command line: run the proxy, or check a configuration.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use stickylb::config::{Algorithm, Config, SecretSource, SECRET_ENV};
+use stickylb::Stickylb;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "HTTP load balancer with sticky sessions and failover that keeps the session"
+)]
+struct Cli {
+    /// Configuration file.
+    #[arg(long, short, global = true, default_value = "config.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the configuration and print a summary; exits non-zero on error.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli.config, std::env::var(SECRET_ENV).ok()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Some(Command::Check) => {
+            print!("{}", summary(&config));
+            ExitCode::SUCCESS
+        }
+        None => run(config),
+    }
+}
+
+fn run(config: Config) -> ExitCode {
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> ExitCode {
+    if config.affinity.secret_source == SecretSource::Generated {
+        tracing::warn!(
+            "no affinity secret configured: using a random one, so pins will not survive a restart \
+             and other instances will not honour them; set [affinity] secret or {SECRET_ENV}"
+        );
+    }
+    let address = config.listener.address;
+    let listener = match tokio::net::TcpListener::bind(address).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(address = %address, error = %e, "cannot listen");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(address = %address, backends = config.backends.len(), "listening");
+    Stickylb::new(config)
+        .serve(listener, shutdown_signal())
+        .await;
+    ExitCode::SUCCESS
+}
+
+fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGTERM; only Ctrl-C will stop the proxy");
+            if let Err(e) = tokio::signal::ctrl_c().await {
+                tracing::error!(error = %e, "cannot watch Ctrl-C either");
+            }
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!(signal = "SIGINT", "shutdown requested"),
+        _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutdown requested"),
+    }
+}
+
+fn summary(c: &Config) -> String {
+    let d = |d: std::time::Duration| humantime::format_duration(d).to_string();
+    let algorithm = match c.balancer.algorithm {
+        Algorithm::RoundRobin => "round_robin",
+        Algorithm::LeastConnections => "least_connections",
+    };
+    let secret = match c.affinity.secret_source {
+        SecretSource::File => "from the file".to_string(),
+        SecretSource::Env => format!("from {SECRET_ENV}"),
+        SecretSource::Generated => {
+            "NOT SET: a random one per start (pins will not survive restarts)".to_string()
+        }
+    };
+    let a = &c.affinity;
+    let lifetime = a.max_age.map_or("session cookie".to_string(), |age| {
+        format!("Max-Age {}", d(age))
+    });
+    let h = &c.health;
+    let mut lines = vec![
+        format!("{}: OK", c.file.display()),
+        format!("listener  {}", c.listener.address),
+        format!(
+            "cookie    {} (HttpOnly={}, Secure={}, SameSite={:?}, {lifetime}); secret {secret}",
+            a.cookie, a.http_only, a.secure, a.same_site
+        ),
+        format!("balancer  {algorithm}, {} retries", c.balancer.retries),
+        format!(
+            "health    GET {} every {} (timeout {}), up after {} passes, down after {} failures",
+            h.path,
+            d(h.interval),
+            d(h.timeout),
+            h.rise,
+            h.fall
+        ),
+        format!("backends  {}", c.backends.len()),
+    ];
+    for b in &c.backends {
+        lines.push(format!(
+            "  {:<12} {:<24} weight {}",
+            b.id,
+            b.address.as_str(),
+            b.weight
+        ));
+    }
+    lines.join("\n") + "\n"
+}

@@ -1,0 +1,230 @@
+//! Forwarding: read the pin, ask the routing snapshot for candidates, and try them in order with
+//! a bounded number of attempts. Failover is simply a later candidate answering.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use http::header::SET_COOKIE;
+use http::request::Parts;
+use http::uri::{PathAndQuery, Scheme};
+use http::{HeaderValue, Method, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::affinity;
+use crate::body::{ProxyBody, Replayable, UpstreamBody};
+use crate::error::{chain, ProxyError};
+use crate::headers::{self, FAILOVER};
+use crate::routing::{Member, Routing};
+
+pub type UpstreamClient = Client<HttpConnector, UpstreamBody>;
+
+/// How the affinity cookie was honoured, for the access log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AffinityOutcome {
+    /// No usable pin: the policy chose, and the response pins the client.
+    New,
+    /// Served by the pinned backend.
+    Hit,
+    /// Pinned backend unusable: served elsewhere, response re-pins.
+    Failover,
+}
+
+impl AffinityOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::New => "new",
+            Self::Hit => "hit",
+            Self::Failover => "failover",
+        }
+    }
+}
+
+/// Builds the pooled keep-alive client used for all backend traffic.
+pub fn upstream_client(connect_timeout: Duration) -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.enforce_http(true);
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build(connector)
+}
+
+#[derive(Debug)]
+pub struct Proxy {
+    routing: Arc<ArcSwap<Routing>>,
+    client: UpstreamClient,
+}
+
+/// Facts about one exchange, filled in as it goes, logged once at the end.
+struct Exchange {
+    backend: Option<Arc<crate::backend::Backend>>,
+    affinity: AffinityOutcome,
+}
+
+impl Proxy {
+    pub fn new(routing: Arc<ArcSwap<Routing>>, client: UpstreamClient) -> Self {
+        Self { routing, client }
+    }
+
+    /// Serves one client request; never fails, errors become responses here.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        let started = Instant::now();
+        let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+        let routing = self.routing.load_full();
+        let mut ex = Exchange {
+            backend: None,
+            affinity: AffinityOutcome::New,
+        };
+        let resp = match self.forward(&routing, req, peer, &mut ex).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                tracing::warn!(method = %method, path, error = %chain(&e), "request failed");
+                e.into_response(&routing.retry_after)
+            }
+        };
+        tracing::info!(
+            method = %method,
+            path,
+            status = resp.status().as_u16(),
+            backend = ex.backend.as_ref().map_or("-", |b| b.id.as_str()),
+            affinity = ex.affinity.as_str(),
+            duration_us = started.elapsed().as_micros() as u64,
+            "request"
+        );
+        Ok(resp)
+    }
+
+    async fn forward(
+        &self,
+        routing: &Routing,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        ex: &mut Exchange,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let (mut parts, body) = req.into_parts();
+        let pinned = routing.pinned(&affinity::take(&mut parts.headers, &routing.cookie_name));
+        headers::prepare_request(&mut parts, peer.ip());
+        let body = Replayable::new(body);
+        // Replaying after bytes went out is safe only for idempotent requests without a body.
+        let replayable = body.is_empty() && is_idempotent(&parts.method);
+        let mut last = ProxyError::NoBackend;
+        let mut failover_reason = "down";
+        for idx in routing.candidates(pinned) {
+            let member = &routing.members[idx];
+            let from = pinned.filter(|&p| p != idx).map(|p| &routing.members[p]);
+            ex.affinity = match (pinned, from) {
+                (None, _) => AffinityOutcome::New,
+                (Some(_), None) => AffinityOutcome::Hit,
+                (Some(_), Some(_)) => AffinityOutcome::Failover,
+            };
+            ex.backend = Some(Arc::clone(&member.backend));
+            let timeout = routing.timeouts.backend_response;
+            let attempt = upstream_request(&parts, member, from, body.attempt());
+            let guard = member.backend.start_request();
+            let err = match tokio::time::timeout(timeout, self.client.request(attempt)).await {
+                Ok(Ok(resp)) => {
+                    log_failover(from, member, failover_reason);
+                    return Ok(respond(
+                        resp,
+                        guard,
+                        (ex.affinity != AffinityOutcome::Hit).then_some(member),
+                    ));
+                }
+                Ok(Err(e)) => e,
+                Err(_elapsed) => return Err(ProxyError::Timeout(timeout)),
+            };
+            let refused = err.is_connect();
+            tracing::warn!(backend = %member.backend.id, connect = refused, error = %chain(&err), "upstream attempt failed");
+            if refused {
+                member
+                    .backend
+                    .mark_down(&format!("connect failed: {}", chain(&err)));
+            }
+            if Some(idx) == pinned {
+                failover_reason = if refused {
+                    "connect_error"
+                } else {
+                    "upstream_error"
+                };
+            }
+            last = ProxyError::Upstream(err);
+            // A failed connect sent nothing: any request may go elsewhere if its body is unread.
+            let may_retry = if refused { body.unread() } else { replayable };
+            if !may_retry {
+                break;
+            }
+        }
+        if !routing.any_up() {
+            return Err(ProxyError::NoBackend);
+        }
+        Err(last)
+    }
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+fn upstream_request(
+    parts: &Parts,
+    member: &Member,
+    from: Option<&Member>,
+    body: UpstreamBody,
+) -> Request<UpstreamBody> {
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.authority = Some(member.backend.address.clone());
+    uri.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    // Scheme, authority and path are each valid, so the parts always assemble.
+    *req.uri_mut() = Uri::from_parts(uri).unwrap_or_default();
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = parts.headers.clone();
+    if let Some(old) = from {
+        // Ids are validated as header-safe characters.
+        if let Ok(v) = HeaderValue::from_str(&old.backend.id) {
+            req.headers_mut().insert(FAILOVER, v);
+        }
+    }
+    req
+}
+
+fn respond(
+    resp: Response<Incoming>,
+    guard: crate::backend::InFlight,
+    pin: Option<&Member>,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    headers::remove_hop_by_hop(&mut parts.headers);
+    if let Some(member) = pin {
+        parts.headers.append(SET_COOKIE, member.set_cookie.clone());
+    }
+    Response::from_parts(parts, ProxyBody::Upstream(body, guard))
+}
+
+fn log_failover(from: Option<&Member>, to: &Member, reason: &'static str) {
+    let Some(old) = from else { return };
+    tracing::info!(from = %old.backend.id, to = %to.backend.id, reason, "session failed over");
+}

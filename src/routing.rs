@@ -1,0 +1,115 @@
+//! The routing snapshot: everything a request needs to choose backends, immutable once built and
+//! published whole through one `ArcSwap` (reload builds a new one and swaps it).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::HeaderValue;
+
+use crate::affinity;
+use crate::backend::Backend;
+use crate::balancer::{LeastConnections, Loads, Policy, RoundRobin};
+use crate::config::{Algorithm, Config, TimeoutConfig};
+
+/// A backend as this snapshot routes to it.
+#[derive(Debug)]
+pub struct Member {
+    pub backend: Arc<Backend>,
+    pub weight: u32,
+    /// The complete `Set-Cookie` value that pins a client here, precomputed.
+    pub set_cookie: HeaderValue,
+}
+
+#[derive(Debug)]
+pub struct Routing {
+    pub members: Vec<Member>,
+    /// Affinity cookie value -> index in `members`.
+    pins: HashMap<String, usize>,
+    pub cookie_name: String,
+    policy: Box<dyn Policy>,
+    pub attempts: usize,
+    pub timeouts: TimeoutConfig,
+    /// `Retry-After` for 503s: one heartbeat interval, rounded up to whole seconds.
+    pub retry_after: HeaderValue,
+}
+
+impl Loads for Vec<Member> {
+    fn len(&self) -> usize {
+        Vec::len(self)
+    }
+
+    fn load(&self, i: usize) -> (usize, u32) {
+        (self[i].backend.active(), self[i].weight)
+    }
+}
+
+impl Routing {
+    /// Builds a snapshot, reusing `previous`'s runtime state for backends whose id and address
+    /// are unchanged, so health and counters survive a reload.
+    pub fn build(cfg: &Config, previous: Option<&Routing>) -> Self {
+        let mut members = Vec::with_capacity(cfg.backends.len());
+        let mut pins = HashMap::with_capacity(cfg.backends.len());
+        for (i, b) in cfg.backends.iter().enumerate() {
+            let kept = previous
+                .and_then(|p| p.find(&b.id))
+                .filter(|old| old.address == b.address);
+            let backend = match kept {
+                Some(old) => {
+                    old.set_thresholds(&cfg.health);
+                    Arc::clone(old)
+                }
+                None => Backend::new(b, &cfg.health),
+            };
+            let token = affinity::token(&cfg.affinity.secret, &b.id);
+            let set_cookie = affinity::set_cookie(&cfg.affinity, &token);
+            pins.insert(token, i);
+            members.push(Member {
+                backend,
+                weight: b.weight.get(),
+                set_cookie,
+            });
+        }
+        let weights: Vec<u32> = members.iter().map(|m| m.weight).collect();
+        let policy: Box<dyn Policy> = match cfg.balancer.algorithm {
+            Algorithm::RoundRobin => Box::new(RoundRobin::new(&weights)),
+            Algorithm::LeastConnections => Box::new(LeastConnections::new(&weights)),
+        };
+        let secs = cfg.health.interval.as_millis().div_ceil(1000).max(1);
+        Self {
+            members,
+            pins,
+            cookie_name: cfg.affinity.cookie.clone(),
+            policy,
+            attempts: 1 + cfg.balancer.retries as usize,
+            timeouts: cfg.timeouts.clone(),
+            retry_after: HeaderValue::from(secs as u64),
+        }
+    }
+
+    pub fn find(&self, id: &str) -> Option<&Arc<Backend>> {
+        self.members.iter().map(|m| &m.backend).find(|b| b.id == id)
+    }
+
+    /// The backend pinned by the first affinity value this snapshot issued; values it did not
+    /// issue (garbage, forged, a removed backend) are ignored.
+    pub fn pinned(&self, values: &[String]) -> Option<usize> {
+        values.iter().find_map(|v| self.pins.get(v).copied())
+    }
+
+    /// Backends to try, best first: the pinned one if it is up, then the policy's order among the
+    /// other up backends, at most `attempts` in all.
+    pub fn candidates(&self, pinned: Option<usize>) -> Vec<usize> {
+        let mut out = Vec::with_capacity(self.attempts);
+        if let Some(p) = pinned.filter(|&p| self.members[p].backend.is_up()) {
+            out.push(p);
+        }
+        let up = |i: usize| self.members[i].backend.is_up();
+        self.policy
+            .rank(&self.members, &up, &mut out, self.attempts);
+        out
+    }
+
+    pub fn any_up(&self) -> bool {
+        self.members.iter().any(|m| m.backend.is_up())
+    }
+}

@@ -1,0 +1,322 @@
+//! Test servers and clients on real loopback sockets bound to port 0.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use stickylb::config::Config;
+use stickylb::Stickylb;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
+
+/// What an upstream received.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+#[derive(Default)]
+struct Shared {
+    seen: Mutex<Vec<Seen>>,
+    health: AtomicU16,
+    holding: AtomicUsize,
+    hold: Option<Arc<Semaphore>>,
+}
+
+/// A real HTTP server standing in for an application node.
+///
+/// Paths: `/healthz` answers the status set with [`Upstream::set_health`]; `/cookies` sets two
+/// cookies; `/hold` waits for [`Upstream::release`]; `/never` never answers; anything else
+/// answers 200 with the node id as body. Every non-health request is recorded.
+pub struct Upstream {
+    pub id: String,
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    hold: Arc<Semaphore>,
+    task: JoinHandle<()>,
+}
+
+impl Upstream {
+    pub async fn start(id: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(id, listener)
+    }
+
+    /// Serves on an existing listener (to restart a killed node on its old port).
+    pub fn serve(id: &str, listener: TcpListener) -> Self {
+        let addr = listener.local_addr().unwrap();
+        let hold = Arc::new(Semaphore::new(0));
+        let shared = Arc::new(Shared {
+            health: AtomicU16::new(200),
+            hold: Some(hold.clone()),
+            ..Default::default()
+        });
+        let task = tokio::spawn(accept_loop(id.to_string(), listener, shared.clone()));
+        Self {
+            id: id.to_string(),
+            addr,
+            shared,
+            hold,
+            task,
+        }
+    }
+
+    pub fn set_health(&self, status: u16) {
+        self.shared.health.store(status, Ordering::SeqCst);
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.shared.seen.lock().unwrap().clone()
+    }
+
+    pub fn hits(&self) -> usize {
+        self.shared.seen.lock().unwrap().len()
+    }
+
+    /// Requests currently waiting in `/hold`.
+    pub fn holding(&self) -> usize {
+        self.shared.holding.load(Ordering::SeqCst)
+    }
+
+    pub fn release(&self, n: usize) {
+        self.hold.add_permits(n);
+    }
+
+    /// Closes the listener and every open connection, as a crashed process would.
+    pub async fn kill(self) {
+        self.task.abort();
+        let _aborted = self.task.await;
+    }
+}
+
+async fn accept_loop(id: String, listener: TcpListener, shared: Arc<Shared>) {
+    // Owning the connection tasks here means aborting this task closes them all.
+    let mut conns = JoinSet::new();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let (id, shared) = (id.clone(), shared.clone());
+        conns.spawn(async move {
+            let svc = service_fn(move |req| handle(id.clone(), shared.clone(), req));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc);
+            let _closed = conn.await;
+        });
+        while conns.try_join_next().is_some() {}
+    }
+}
+
+async fn handle(
+    id: String,
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_string();
+    if path == "/healthz" {
+        let status = StatusCode::from_u16(shared.health.load(Ordering::SeqCst)).unwrap();
+        return Ok(Response::builder()
+            .status(status)
+            .body(Full::new(Bytes::from("health")))
+            .unwrap());
+    }
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let seen = Seen {
+        method: parts.method.to_string(),
+        path: path.clone(),
+        headers: parts.headers,
+        body,
+    };
+    shared.seen.lock().unwrap().push(seen);
+    let mut resp = Response::builder().header("x-served-by", &id);
+    match path.as_str() {
+        "/cookies" => {
+            resp = resp
+                .header("set-cookie", "app=1; Path=/")
+                .header("set-cookie", "theme=dark; Path=/")
+        }
+        "/hold" => {
+            shared.holding.fetch_add(1, Ordering::SeqCst);
+            let permit = shared.hold.as_ref().unwrap().acquire().await.unwrap();
+            permit.forget();
+        }
+        "/never" => std::future::pending::<()>().await,
+        _ => {}
+    }
+    Ok(resp.body(Full::new(Bytes::from(id))).unwrap())
+}
+
+/// A stickylb instance serving on its own port-0 listener.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub lb: Stickylb,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(toml: &str) -> Self {
+        let config =
+            Config::parse(toml, Path::new("test.toml"), None).expect("test config is valid");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let lb = Stickylb::new(config);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = lb.clone();
+        let task = tokio::spawn(async move {
+            server
+                .serve(listener, async move { drop(stopped.await) })
+                .await;
+        });
+        Self {
+            addr,
+            lb,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    pub fn is_up(&self, id: &str) -> bool {
+        self.lb.backend(id).unwrap().is_up()
+    }
+
+    /// Signals shutdown; returns the server task to await.
+    pub fn shutdown(&mut self) -> &mut JoinHandle<()> {
+        if let Some(stop) = self.stop.take() {
+            // Err means the server already stopped: nothing is left to signal.
+            stop.send(()).ok();
+        }
+        &mut self.task
+    }
+}
+
+/// A config with the given upstreams; `extra` is appended (more tables).
+pub fn config(upstreams: &[&Upstream], extra: &str) -> String {
+    let mut s = String::from(
+        "[listener]\naddress = \"127.0.0.1:0\"\n[affinity]\nsecret = \"test-secret-0123456789\"\n",
+    );
+    s.push_str(extra);
+    for u in upstreams {
+        s.push_str(&format!(
+            "\n[[backends]]\nid = \"{}\"\naddress = \"{}\"\n",
+            u.id, u.addr
+        ));
+    }
+    s
+}
+
+/// A reply as a client sees it.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn served_by(&self) -> &str {
+        self.headers
+            .get("x-served-by")
+            .map_or("", |v| v.to_str().unwrap())
+    }
+
+    /// The value of the affinity cookie this reply sets, if any.
+    pub fn pin(&self) -> Option<String> {
+        self.set_cookies().into_iter().find_map(|c| {
+            let c = cookie::Cookie::parse(c).ok()?;
+            (c.name() == "stickylb").then(|| c.value().to_string())
+        })
+    }
+
+    pub fn set_cookies(&self) -> Vec<String> {
+        self.headers
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect()
+    }
+}
+
+pub struct Clientele {
+    client: Client<HttpConnector, Full<Bytes>>,
+    pub proxy: SocketAddr,
+}
+
+impl Clientele {
+    pub fn new(proxy: SocketAddr) -> Self {
+        Self {
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            proxy,
+        }
+    }
+
+    pub async fn send(&self, method: &str, path: &str, cookie: Option<&str>, body: &str) -> Reply {
+        let headers: Vec<(&str, &str)> = cookie.map(|c| ("cookie", c)).into_iter().collect();
+        self.send_with(method, path, &headers, body).await
+    }
+
+    pub async fn send_with(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Reply {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{}", self.proxy, path))
+            .header("host", "app.test");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::new(Bytes::from(body.to_string()))).unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), self.client.request(req))
+            .await
+            .expect("reply in time")
+            .unwrap();
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        }
+    }
+
+    pub async fn get(&self, path: &str, cookie: Option<&str>) -> Reply {
+        self.send("GET", path, cookie, "").await
+    }
+}
+
+/// Polls `cond` every 5 ms until it holds, failing the test after `limit`.
+pub async fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

@@ -1,0 +1,391 @@
+//! End-to-end behaviour of the proxy over real loopback sockets.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::{config, eventually, Clientele, Proxy, Upstream};
+
+const QUIET_HEALTH: &str = "[health]\ninterval = \"1h\"\n";
+const FAST_HEALTH: &str =
+    "[health]\ninterval = \"20ms\"\ntimeout = \"200ms\"\nrise = 2\nfall = 2\n";
+
+fn jar(pin: &str) -> String {
+    format!("stickylb={pin}")
+}
+
+#[tokio::test]
+async fn a_pinned_client_always_reaches_the_same_backend() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let proxy = Proxy::start(&config(&[&a, &b], QUIET_HEALTH)).await;
+    let client = Clientele::new(proxy.addr);
+
+    let first = client.get("/", None).await;
+    let pin = first.pin().expect("a new client is pinned");
+    let owner = first.served_by().to_string();
+    for i in 0..100 {
+        let r = client.get(&format!("/page/{i}"), Some(&jar(&pin))).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.served_by(), owner, "request {i} left the pinned backend");
+        assert!(r.pin().is_none(), "an unchanged pin must not be set again");
+    }
+    let other = if owner == "a" { &b } else { &a };
+    assert_eq!(other.hits(), 0);
+}
+
+async fn spread(algorithm: &str) -> HashMap<String, usize> {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let mut cfg = config(
+        &[&a, &b],
+        &format!("{QUIET_HEALTH}[balancer]\nalgorithm = \"{algorithm}\"\n"),
+    );
+    cfg = cfg.replacen(
+        &format!("address = \"{}\"\n", b.addr),
+        &format!("address = \"{}\"\nweight = 3\n", b.addr),
+        1,
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let client = Clientele::new(proxy.addr);
+    let mut counts = HashMap::new();
+    for _ in 0..400 {
+        let r = client.get("/", None).await;
+        assert!(r.pin().is_some());
+        *counts.entry(r.served_by().to_string()).or_insert(0) += 1;
+    }
+    counts
+}
+
+#[tokio::test]
+async fn new_clients_spread_by_weight_with_round_robin() {
+    let counts = spread("round_robin").await;
+    assert_eq!((counts["a"], counts["b"]), (100, 300));
+}
+
+#[tokio::test]
+async fn new_clients_spread_by_weight_with_idle_least_connections() {
+    let counts = spread("least_connections").await;
+    assert_eq!((counts["a"], counts["b"]), (100, 300));
+}
+
+#[tokio::test]
+async fn the_cookie_reveals_neither_address_nor_id() {
+    let a = Upstream::start("alpha-node").await;
+    let proxy = Proxy::start(&config(&[&a], QUIET_HEALTH)).await;
+    let r = Clientele::new(proxy.addr).get("/", None).await;
+    let header = r
+        .set_cookies()
+        .into_iter()
+        .find(|c| c.starts_with("stickylb="))
+        .unwrap();
+    let value = r.pin().unwrap();
+    for secret in ["alpha", "node", "127.0.0.1", &a.addr.port().to_string()] {
+        assert!(
+            !header.contains(secret),
+            "Set-Cookie {header:?} reveals {secret:?}"
+        );
+    }
+    assert!(
+        value.len() >= 22
+            && value
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+    );
+    assert!(
+        header.contains("HttpOnly") && header.contains("SameSite=Lax") && header.contains("Path=/")
+    );
+}
+
+#[tokio::test]
+async fn forged_garbage_and_removed_backend_cookies_get_a_fresh_pin() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let proxy = Proxy::start(&config(&[&a, &b], QUIET_HEALTH)).await;
+    let client = Clientele::new(proxy.addr);
+    let removed = stickylb::affinity::token(b"test-secret-0123456789", "c");
+    let forged = stickylb::affinity::token(b"another-secret-000000", "a");
+    let cases = [
+        "garbage",
+        "",
+        "a",
+        "127.0.0.1:9001",
+        &removed,
+        &forged,
+        "%00%ff",
+        "x\"y",
+    ];
+    for value in cases {
+        let r = client.get("/", Some(&jar(value))).await;
+        assert_eq!(r.status, 200, "cookie {value:?}");
+        let pin = r
+            .pin()
+            .unwrap_or_else(|| panic!("cookie {value:?} must get a fresh pin"));
+        assert_ne!(pin, value);
+        assert!(r.headers.get("x-stickylb-failover").is_none());
+    }
+    let seen: Vec<_> = a.seen().into_iter().chain(b.seen()).collect();
+    assert!(seen
+        .iter()
+        .all(|s| !s.headers.contains_key("x-stickylb-failover")));
+}
+
+#[tokio::test]
+async fn the_affinity_cookie_never_reaches_the_backend_and_others_pass_untouched() {
+    let a = Upstream::start("a").await;
+    let proxy = Proxy::start(&config(&[&a], QUIET_HEALTH)).await;
+    let client = Clientele::new(proxy.addr);
+    let pin = client.get("/", None).await.pin().unwrap();
+    let r = client
+        .get(
+            "/x",
+            Some(&format!(
+                "theme=dark; stickylb={pin}; sid=\"abc def\"; stickylb=junk"
+            )),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let seen = a.seen().pop().unwrap();
+    let cookies: Vec<_> = seen
+        .headers
+        .get_all("cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(cookies, vec!["theme=dark; sid=\"abc def\""]);
+
+    client.get("/only", Some(&jar(&pin))).await;
+    assert!(a.seen().pop().unwrap().headers.get("cookie").is_none());
+}
+
+#[tokio::test]
+async fn backend_set_cookie_headers_stay_separate_and_forwarding_headers_are_set() {
+    let a = Upstream::start("a").await;
+    let proxy = Proxy::start(&config(&[&a], QUIET_HEALTH)).await;
+    let client = Clientele::new(proxy.addr);
+    let r = client.get("/cookies", None).await;
+    let cookies = r.set_cookies();
+    assert_eq!(cookies.len(), 3, "{cookies:?}");
+    assert!(
+        cookies.contains(&"app=1; Path=/".to_string())
+            && cookies.contains(&"theme=dark; Path=/".to_string())
+    );
+
+    let spoofed = [
+        ("x-forwarded-for", "6.6.6.6"),
+        ("x-forwarded-host", "evil.test"),
+        ("connection", "x-drop-me"),
+        ("x-drop-me", "1"),
+        ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+        ("x-kept", "yes"),
+    ];
+    assert_eq!(
+        client.send_with("GET", "/h", &spoofed, "").await.status,
+        200
+    );
+    let seen = a.seen().pop().unwrap();
+    for gone in ["connection", "x-drop-me", "proxy-authorization"] {
+        assert!(
+            !seen.headers.contains_key(gone),
+            "{gone} must not be forwarded"
+        );
+    }
+    assert_eq!(seen.headers["x-kept"], "yes");
+    assert_eq!(seen.headers["host"], "app.test");
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-proto"], "http");
+    assert_eq!(seen.headers["x-forwarded-host"], "app.test");
+}
+
+#[tokio::test]
+async fn killing_the_pinned_backend_fails_over_on_the_very_next_request() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let proxy = Proxy::start(&config(&[&a, &b], QUIET_HEALTH)).await;
+    let client = Clientele::new(proxy.addr);
+    let first = client.get("/", None).await;
+    let (pin, owner) = (first.pin().unwrap(), first.served_by().to_string());
+    let (victim, survivor) = if owner == "a" { (a, b) } else { (b, a) };
+    let victim_id = victim.id.clone();
+    victim.kill().await;
+
+    let r = client
+        .send("POST", "/cart", Some(&jar(&pin)), "item=42")
+        .await;
+    assert_eq!(r.status, 200, "no client-visible error: {}", r.body);
+    assert_eq!(r.served_by(), survivor.id);
+    let new_pin = r.pin().expect("the cookie is re-pinned");
+    assert_ne!(new_pin, pin);
+    let seen = survivor.seen().pop().unwrap();
+    assert_eq!(seen.headers["x-stickylb-failover"], victim_id.as_str());
+    assert_eq!(
+        seen.body, "item=42",
+        "the POST body reached the new backend whole"
+    );
+    assert!(
+        !proxy.is_up(&victim_id),
+        "a refused connect marks the backend down at once"
+    );
+
+    let next = client.get("/", Some(&jar(&new_pin))).await;
+    assert_eq!(next.served_by(), survivor.id);
+    assert!(next.pin().is_none());
+    assert!(!survivor
+        .seen()
+        .pop()
+        .unwrap()
+        .headers
+        .contains_key("x-stickylb-failover"));
+
+    let old = client.get("/", Some(&jar(&pin))).await;
+    assert_eq!(
+        (old.served_by(), old.pin()),
+        (survivor.id.as_str(), Some(new_pin))
+    );
+}
+
+#[tokio::test]
+async fn heartbeats_take_a_backend_down_after_fall_and_up_after_rise() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let proxy = Proxy::start(&config(&[&a, &b], FAST_HEALTH)).await;
+    let client = Clientele::new(proxy.addr);
+    let pin_a = loop {
+        let r = client.get("/", None).await;
+        if r.served_by() == "a" {
+            break r.pin().unwrap();
+        }
+    };
+    a.set_health(500);
+    eventually(Duration::from_secs(5), "a marked down", || {
+        !proxy.is_up("a")
+    })
+    .await;
+    let r = client.get("/", Some(&jar(&pin_a))).await;
+    assert_eq!((r.status.as_u16(), r.served_by()), (200, "b"));
+    assert!(r.pin().is_some());
+    let hits_a = a.hits();
+    for _ in 0..20 {
+        assert_eq!(
+            client.get("/", None).await.served_by(),
+            "b",
+            "no new session may reach a down backend"
+        );
+    }
+    assert_eq!(a.hits(), hits_a);
+
+    a.set_health(200);
+    eventually(Duration::from_secs(5), "a marked up", || proxy.is_up("a")).await;
+    let served: Vec<_> = futures_served(&client, 4).await;
+    assert!(
+        served.contains(&"a".to_string()),
+        "a takes new sessions again: {served:?}"
+    );
+}
+
+async fn futures_served(client: &Clientele, n: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(client.get("/", None).await.served_by().to_string());
+    }
+    out
+}
+
+#[tokio::test]
+async fn one_bad_heartbeat_is_not_enough_with_fall_two() {
+    use stickylb::config::Config;
+    let a = Upstream::start("a").await;
+    let cfg = Config::parse(&config(&[&a], FAST_HEALTH), std::path::Path::new("t"), None).unwrap();
+    let backend = stickylb::backend::Backend::new(&cfg.backends[0], &cfg.health);
+    backend.record_heartbeat(Err("boom".into()));
+    assert!(backend.is_up());
+    backend.record_heartbeat(Ok(()));
+    backend.record_heartbeat(Err("boom".into()));
+    assert!(backend.is_up());
+    backend.record_heartbeat(Err("boom".into()));
+    assert!(!backend.is_up());
+}
+
+#[tokio::test]
+async fn all_backends_down_gives_503_with_retry_after_and_a_generic_body() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let proxy = Proxy::start(&config(&[&a, &b], QUIET_HEALTH)).await;
+    let addrs = [a.addr.to_string(), b.addr.to_string()];
+    a.kill().await;
+    b.kill().await;
+    let client = Clientele::new(proxy.addr);
+    let r = client.get("/", None).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.headers.contains_key("retry-after"));
+    let again = client.get("/", None).await;
+    assert_eq!(again.status, 503);
+    for reply in [&r, &again] {
+        let shown = format!("{:?}{}", reply.headers, reply.body);
+        assert!(
+            addrs.iter().all(|a| !shown.contains(a)) && !shown.contains("127.0.0.1"),
+            "{shown}"
+        );
+        assert!(reply.pin().is_none());
+    }
+}
+
+#[tokio::test]
+async fn a_silent_backend_gives_504_after_the_response_timeout() {
+    let a = Upstream::start("a").await;
+    let proxy = Proxy::start(&config(
+        &[&a],
+        &format!("{QUIET_HEALTH}[timeouts]\nbackend_response = \"200ms\"\n"),
+    ))
+    .await;
+    let started = std::time::Instant::now();
+    let r = Clientele::new(proxy.addr).get("/never", None).await;
+    assert_eq!(r.status, 504);
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(!r.body.contains("127.0.0.1"));
+}
+
+#[tokio::test]
+async fn two_instances_sharing_a_secret_route_a_cookie_the_same_way() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let cfg = config(&[&a, &b], QUIET_HEALTH);
+    let (one, two) = (Proxy::start(&cfg).await, Proxy::start(&cfg).await);
+    let (c1, c2) = (Clientele::new(one.addr), Clientele::new(two.addr));
+    for _ in 0..4 {
+        let r = c1.get("/", None).await;
+        let pin = r.pin().unwrap();
+        let via_two = c2.get("/", Some(&jar(&pin))).await;
+        assert_eq!(via_two.served_by(), r.served_by());
+        assert!(via_two.pin().is_none());
+    }
+}
+
+#[tokio::test]
+async fn shutdown_lets_in_flight_requests_finish_and_stops_accepting() {
+    let a = Upstream::start("a").await;
+    let mut proxy = Proxy::start(&config(&[&a], QUIET_HEALTH)).await;
+    let client = Clientele::new(proxy.addr);
+    let in_flight = tokio::spawn(async move { client.get("/hold", None).await });
+    eventually(
+        Duration::from_secs(5),
+        "request reached the backend",
+        || a.holding() == 1,
+    )
+    .await;
+    let addr = proxy.addr;
+    let server = proxy.shutdown();
+    let refused = async {
+        loop {
+            if tokio::net::TcpStream::connect(addr).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), refused)
+        .await
+        .expect("listener closes");
+    a.release(1);
+    let r = in_flight.await.unwrap();
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "a"));
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("server exits")
+        .unwrap();
+}
