@@ -389,3 +389,96 @@ async fn shutdown_lets_in_flight_requests_finish_and_stops_accepting() {
         .expect("server exits")
         .unwrap();
 }
+
+#[tokio::test]
+async fn after_bytes_were_sent_only_idempotent_bodyless_requests_are_retried() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let proxy = Proxy::start(&config(&[&a, &b], QUIET_HEALTH)).await;
+    let client = Clientele::new(proxy.addr);
+    let pin_a = loop {
+        let r = client.get("/", None).await;
+        if r.served_by() == "a" {
+            break r.pin().unwrap();
+        }
+    };
+    a.set_broken(true);
+    let (a_before, b_before) = (a.hits(), b.hits());
+
+    let r = client.get("/read", Some(&jar(&pin_a))).await;
+    assert_eq!(
+        (r.status.as_u16(), r.served_by()),
+        (200, "b"),
+        "a GET is replayed elsewhere"
+    );
+    assert!(r.pin().is_some());
+    assert_eq!(b.seen().pop().unwrap().headers["x-stickylb-failover"], "a");
+    assert!(
+        proxy.is_up("a"),
+        "only a refused connect marks down; heartbeats judge the rest"
+    );
+
+    let r = client
+        .send("POST", "/write", Some(&jar(&pin_a)), "once")
+        .await;
+    assert_eq!(
+        r.status, 502,
+        "a POST that reached a backend must not be sent twice"
+    );
+    assert!(!r.body.contains("127.0.0.1"));
+    assert_eq!(a.hits(), a_before + 2);
+    assert_eq!(b.hits(), b_before + 1, "the POST never reached b");
+}
+
+#[tokio::test]
+async fn retries_are_bounded_by_the_setting() {
+    let ups = [
+        Upstream::start("a").await,
+        Upstream::start("b").await,
+        Upstream::start("c").await,
+    ];
+    for u in &ups {
+        u.set_broken(true);
+    }
+    let refs: Vec<&Upstream> = ups.iter().collect();
+    let proxy = Proxy::start(&config(
+        &refs,
+        &format!("{QUIET_HEALTH}[balancer]\nretries = 1\n"),
+    ))
+    .await;
+    let r = Clientele::new(proxy.addr).get("/", None).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(
+        ups.iter().map(Upstream::hits).sum::<usize>(),
+        2,
+        "one attempt plus one retry"
+    );
+}
+
+#[tokio::test]
+async fn http2_cleartext_clients_are_served_and_pinned() {
+    let a = Upstream::start("a").await;
+    let proxy = Proxy::start(&config(&[&a], QUIET_HEALTH)).await;
+    let client = Clientele::h2c(proxy.addr);
+    let r = client.get("/h2", None).await;
+    assert_eq!((r.status.as_u16(), r.served_by()), (200, "a"));
+    let pin = r.pin().unwrap();
+    assert!(client.get("/h2", Some(&jar(&pin))).await.pin().is_none());
+    assert_eq!(a.seen().pop().unwrap().headers["host"], "app.test");
+}
+
+#[tokio::test]
+async fn large_bodies_stream_through_intact() {
+    let a = Upstream::start("a").await;
+    let proxy = Proxy::start(&config(&[&a], QUIET_HEALTH)).await;
+    let body: String = (0..4 * 1024 * 1024)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let r = Clientele::new(proxy.addr)
+        .send("POST", "/upload", None, &body)
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(
+        a.seen().pop().unwrap().body == body.as_bytes(),
+        "the body arrived byte for byte"
+    );
+}

@@ -1,7 +1,6 @@
 //! Test servers and clients on real loopback sockets bound to port 0.
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
@@ -36,6 +35,7 @@ struct Shared {
     seen: Mutex<Vec<Seen>>,
     health: AtomicU16,
     holding: AtomicUsize,
+    broken: std::sync::atomic::AtomicBool,
     hold: Option<Arc<Semaphore>>,
 }
 
@@ -81,6 +81,12 @@ impl Upstream {
         self.shared.health.store(status, Ordering::SeqCst);
     }
 
+    /// When set, every non-health request is read and then the connection is dropped without a
+    /// response: bytes were sent, nothing came back.
+    pub fn set_broken(&self, broken: bool) {
+        self.shared.broken.store(broken, Ordering::SeqCst);
+    }
+
     pub fn seen(&self) -> Vec<Seen> {
         self.shared.seen.lock().unwrap().clone()
     }
@@ -123,11 +129,13 @@ async fn accept_loop(id: String, listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
+type Reject = Box<dyn std::error::Error + Send + Sync>;
+
 async fn handle(
     id: String,
     shared: Arc<Shared>,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Full<Bytes>>, Reject> {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     if path == "/healthz" {
@@ -149,6 +157,9 @@ async fn handle(
         body,
     };
     shared.seen.lock().unwrap().push(seen);
+    if shared.broken.load(Ordering::SeqCst) {
+        return Err("broken on purpose: hyper closes the connection".into());
+    }
     let mut resp = Response::builder().header("x-served-by", &id);
     match path.as_str() {
         "/cookies" => {
@@ -267,6 +278,16 @@ impl Clientele {
     pub fn new(proxy: SocketAddr) -> Self {
         Self {
             client: Client::builder(TokioExecutor::new()).build_http(),
+            proxy,
+        }
+    }
+
+    /// A client that speaks HTTP/2 over cleartext (prior knowledge), as gRPC clients do.
+    pub fn h2c(proxy: SocketAddr) -> Self {
+        Self {
+            client: Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build_http(),
             proxy,
         }
     }
