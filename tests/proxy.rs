@@ -16,6 +16,17 @@ fn jar(pin: &str) -> String {
     format!("stickylb={pin}")
 }
 
+/// Opens new sessions until one is pinned to `id`; returns that pin.
+async fn pin_to(client: &Clientele, id: &str) -> String {
+    for _ in 0..100 {
+        let r = client.get("/", None).await;
+        if r.served_by() == id {
+            return r.pin().unwrap();
+        }
+    }
+    panic!("no new session was pinned to {id}");
+}
+
 #[tokio::test]
 async fn a_pinned_client_always_reaches_the_same_backend() {
     let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
@@ -247,12 +258,7 @@ async fn heartbeats_take_a_backend_down_after_fall_and_up_after_rise() {
     let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
     let proxy = Proxy::start(&config(&[&a, &b], FAST_HEALTH)).await;
     let client = Clientele::new(proxy.addr);
-    let pin_a = loop {
-        let r = client.get("/", None).await;
-        if r.served_by() == "a" {
-            break r.pin().unwrap();
-        }
-    };
+    let pin_a = pin_to(&client, "a").await;
     a.set_health(500);
     eventually(Duration::from_secs(5), "a marked down", || {
         !proxy.is_up("a")
@@ -395,12 +401,7 @@ async fn after_bytes_were_sent_only_idempotent_bodyless_requests_are_retried() {
     let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
     let proxy = Proxy::start(&config(&[&a, &b], QUIET_HEALTH)).await;
     let client = Clientele::new(proxy.addr);
-    let pin_a = loop {
-        let r = client.get("/", None).await;
-        if r.served_by() == "a" {
-            break r.pin().unwrap();
-        }
-    };
+    let pin_a = pin_to(&client, "a").await;
     a.set_broken(true);
     let (a_before, b_before) = (a.hits(), b.hits());
 
