@@ -20,6 +20,9 @@ use crate::error::chain;
 use crate::routing::Routing;
 
 const AGENT: &str = concat!("stickylb-health/", env!("CARGO_PKG_VERSION"));
+/// Tells the backend how this proxy sees it. A backend that learns it is held down knows its
+/// clients are being served elsewhere, so its cached sessions will be stale when it is back.
+pub const BACKEND_STATE: &str = "x-stickylb-backend-state";
 
 /// Owns the probe tasks; dropping it stops them.
 #[derive(Debug, Default)]
@@ -87,6 +90,7 @@ async fn probe(
     let uri = format!("http://{}{}", backend.address, cfg.path);
     let req = Request::get(uri)
         .header(USER_AGENT, AGENT)
+        .header(BACKEND_STATE, if backend.is_up() { "up" } else { "down" })
         .header(
             HOST,
             HeaderValue::from_str(backend.address.as_str()).map_err(|e| e.to_string())?,
