@@ -86,7 +86,10 @@ async fn run(args: Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(node = %args.id, address = %args.listen, "listening");
+    let address = listener.local_addr().map_or(args.listen, |a| a);
+    tracing::info!(node = %args.id, address = %address, "listening");
+    // The one line on stdout: scripts and tests started with port 0 learn the real address here.
+    println!("backend-demo {} listening on {address}", args.id);
     let opts = NodeOptions {
         id: args.id,
         store,

@@ -1,0 +1,180 @@
+//! Real `backend-demo` processes behind an in-process stickylb.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::common::{Clientele, Proxy, Reply};
+
+/// One `backend-demo` OS process.
+pub struct Node {
+    pub id: String,
+    pub addr: SocketAddr,
+    args: Vec<String>,
+    child: Child,
+}
+
+impl Node {
+    /// Starts a node on any free port; `args` are extra command-line arguments.
+    pub fn start(id: &str, args: &[&str]) -> Self {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let (child, addr) = spawn(id, "127.0.0.1:0", &args);
+        Self {
+            id: id.to_string(),
+            addr,
+            args,
+            child,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A real SIGKILL: no flush, no goodbye.
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Starts the node again on its old address.
+    pub fn restart(&mut self) {
+        let (child, addr) = spawn(&self.id, &self.addr.to_string(), &self.args);
+        assert_eq!(addr, self.addr);
+        self.child = child;
+    }
+
+    /// Sends a signal by name (STOP, CONT, TERM) with the system's `kill`.
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill -{name} failed");
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}
+
+fn spawn(id: &str, listen: &str, args: &[String]) -> (Child, SocketAddr) {
+    let log = std::env::temp_dir().join(format!("backend-demo-{id}-{}.log", std::process::id()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_backend-demo"))
+        .args(["--id", id, "--listen", listen])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.trim().rsplit(' ').next().and_then(|a| a.parse().ok());
+    let addr =
+        addr.unwrap_or_else(|| panic!("node {id} did not start: {line:?}; log: {}", log.display()));
+    (child, addr)
+}
+
+/// Heartbeats fast enough that tests wait milliseconds, not seconds.
+pub const HEALTH: &str = "[health]\ninterval = \"25ms\"\ntimeout = \"250ms\"\nrise = 1\nfall = 2\n";
+
+pub fn proxy_config(nodes: &[&Node]) -> String {
+    let mut s = format!(
+        "[listener]\naddress = \"127.0.0.1:0\"\n[affinity]\nsecret = \"e2e-secret-0123456789\"\n{HEALTH}"
+    );
+    for n in nodes {
+        s.push_str(&format!(
+            "\n[[backends]]\nid = \"{}\"\naddress = \"{}\"\n",
+            n.id, n.addr
+        ));
+    }
+    s
+}
+
+/// A browser's cookie jar, reduced to what these tests need.
+#[derive(Default, Clone)]
+pub struct Jar(HashMap<String, String>);
+
+impl Jar {
+    pub fn header(&self) -> Option<String> {
+        let pairs: Vec<String> = self.0.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        (!pairs.is_empty()).then(|| pairs.join("; "))
+    }
+
+    pub fn update(&mut self, reply: &Reply) {
+        for raw in reply.set_cookies() {
+            let c = cookie::Cookie::parse(raw).unwrap();
+            if c.max_age() == Some(cookie::time::Duration::ZERO) {
+                self.0.remove(c.name());
+            } else {
+                self.0.insert(c.name().to_string(), c.value().to_string());
+            }
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str)
+    }
+
+    pub fn set(&mut self, name: &str, value: &str) {
+        self.0.insert(name.to_string(), value.to_string());
+    }
+}
+
+/// The JSON a session endpoint answers, reduced to what the tests check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub node: String,
+    pub id: Option<String>,
+    pub visits: u64,
+    pub version: u64,
+}
+
+pub fn session(reply: &Reply) -> Session {
+    let v: serde_json::Value =
+        serde_json::from_str(&reply.body).unwrap_or_else(|_| panic!("not JSON: {}", reply.body));
+    Session {
+        node: v["node"].as_str().unwrap_or_default().to_string(),
+        id: v["session"].as_str().map(str::to_string),
+        visits: v["visits"].as_u64().unwrap_or(0),
+        version: v["version"].as_u64().unwrap_or(0),
+    }
+}
+
+/// A browser: a client plus its jar.
+pub struct Browser {
+    pub client: Clientele,
+    pub jar: Jar,
+}
+
+impl Browser {
+    pub fn new(proxy: &Proxy) -> Self {
+        Self {
+            client: Clientele::new(proxy.addr),
+            jar: Jar::default(),
+        }
+    }
+
+    pub async fn send(&mut self, method: &str, path: &str) -> Reply {
+        let cookie = self.jar.header();
+        let r = self.client.send(method, path, cookie.as_deref(), "").await;
+        self.jar.update(&r);
+        r
+    }
+}
+
+pub async fn wait_up(proxy: &Proxy, id: &str) {
+    crate::support::eventually(Duration::from_secs(10), &format!("{id} up"), || async {
+        proxy.is_up(id)
+    })
+    .await;
+}
