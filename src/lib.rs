@@ -14,12 +14,14 @@
 //! - [`body`]: streaming request/response bodies, replayable until first read.
 //! - [`error`]: the one mapping from failures to 502/503/504.
 //! - [`server`]: accept loop, HTTP/1.1 + h2c, graceful shutdown.
+//! - [`demo`]: `stickylb demo`, the proxy plus demo backend processes in one command.
 
 pub mod affinity;
 pub mod backend;
 pub mod balancer;
 pub mod body;
 pub mod config;
+pub mod demo;
 pub mod error;
 pub mod headers;
 pub mod health;

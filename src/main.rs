@@ -25,6 +25,13 @@ struct Cli {
 enum Command {
     /// Validate the configuration and print a summary; exits non-zero on error.
     Check,
+    /// Run the proxy plus one backend-demo process per configured backend (sharing a SQLite
+    /// session store), and print a curl walkthrough. Ctrl-C stops everything.
+    Demo {
+        /// How the demo nodes replicate sessions.
+        #[arg(long, value_parser = ["sync", "async"], default_value = "sync")]
+        replication: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -41,8 +48,24 @@ fn main() -> ExitCode {
             print!("{}", summary(&config));
             ExitCode::SUCCESS
         }
+        Some(Command::Demo { replication }) => demo(config, &replication),
         None => run(config),
     }
+}
+
+fn demo(config: Config, replication: &str) -> ExitCode {
+    let started = stickylb::demo::backend_binary().and_then(|bin| stickylb::demo::start_nodes(&bin, &config, replication));
+    let mut nodes = match started {
+        Ok(nodes) => nodes,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    print!("{}", stickylb::demo::walkthrough(&config, &nodes, replication));
+    let code = run(config);
+    stickylb::demo::stop(&mut nodes);
+    code
 }
 
 fn run(config: Config) -> ExitCode {
