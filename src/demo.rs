@@ -37,16 +37,27 @@ pub fn backend_binary() -> Result<PathBuf, String> {
 }
 
 fn build(cargo: &str, me: &Path, bin: &Path) -> Result<PathBuf, String> {
-    let release = me.parent().and_then(Path::file_name).is_some_and(|d| d == "release");
+    let release = me
+        .parent()
+        .and_then(Path::file_name)
+        .is_some_and(|d| d == "release");
     let mut build = Command::new(cargo);
     build.args(["build", "-p", "backend-demo"]);
     if release {
         build.arg("--release");
     }
-    eprintln!("building backend-demo ({})...", if release { "release" } else { "debug" });
-    let status = build.status().map_err(|e| format!("cannot run cargo to build backend-demo: {e}"))?;
+    eprintln!(
+        "building backend-demo ({})...",
+        if release { "release" } else { "debug" }
+    );
+    let status = build
+        .status()
+        .map_err(|e| format!("cannot run cargo to build backend-demo: {e}"))?;
     if !status.success() || !bin.exists() {
-        return Err(format!("building backend-demo into {} failed", bin.display()));
+        return Err(format!(
+            "building backend-demo into {} failed",
+            bin.display()
+        ));
     }
     Ok(bin.to_path_buf())
 }
@@ -55,7 +66,16 @@ fn build(cargo: &str, me: &Path, bin: &Path) -> Result<PathBuf, String> {
 pub fn start_nodes(bin: &Path, config: &Config, replication: &str) -> Result<Vec<Node>, String> {
     let mut nodes = Vec::new();
     for b in &config.backends {
-        let args = ["--id", &b.id, "--listen", b.address.as_str(), "--store", STORE, "--replication", replication];
+        let args = [
+            "--id",
+            &b.id,
+            "--listen",
+            b.address.as_str(),
+            "--store",
+            STORE,
+            "--replication",
+            replication,
+        ];
         let command = format!("{} {}", bin.display(), args.join(" "));
         let mut child = Command::new(bin)
             .args(args)
@@ -67,9 +87,16 @@ pub fn start_nodes(bin: &Path, config: &Config, replication: &str) -> Result<Vec
             child.kill().ok();
             child.wait().ok();
             stop(&mut nodes);
-            return Err(format!("node {} did not start (is {} free?)", b.id, b.address));
+            return Err(format!(
+                "node {} did not start (is {} free?)",
+                b.id, b.address
+            ));
         }
-        nodes.push(Node { id: b.id.clone(), child, command });
+        nodes.push(Node {
+            id: b.id.clone(),
+            child,
+            command,
+        });
     }
     Ok(nodes)
 }
@@ -89,9 +116,16 @@ fn first_line(out: std::process::ChildStdout) -> String {
 
 pub fn walkthrough(config: &Config, nodes: &[Node], replication: &str) -> String {
     let proxy = config.listener.address;
-    let mut out = format!("\nstickylb demo: proxy on http://{proxy}, replication {replication}, store {STORE}\n");
+    let mut out = format!(
+        "\nstickylb demo: proxy on http://{proxy}, replication {replication}, store {STORE}\n"
+    );
     for n in nodes {
-        out.push_str(&format!("  node {:<4} pid {:<8} restart with: {}\n", n.id, n.child.id(), n.command));
+        out.push_str(&format!(
+            "  node {:<4} pid {:<8} restart with: {}\n",
+            n.id,
+            n.child.id(),
+            n.command
+        ));
     }
     out.push_str(&format!(
         "\nTry it:\n\

@@ -54,7 +54,8 @@ fn main() -> ExitCode {
 }
 
 fn demo(config: Config, replication: &str) -> ExitCode {
-    let started = stickylb::demo::backend_binary().and_then(|bin| stickylb::demo::start_nodes(&bin, &config, replication));
+    let started = stickylb::demo::backend_binary()
+        .and_then(|bin| stickylb::demo::start_nodes(&bin, &config, replication));
     let mut nodes = match started {
         Ok(nodes) => nodes,
         Err(e) => {
@@ -62,7 +63,10 @@ fn demo(config: Config, replication: &str) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    print!("{}", stickylb::demo::walkthrough(&config, &nodes, replication));
+    print!(
+        "{}",
+        stickylb::demo::walkthrough(&config, &nodes, replication)
+    );
     let code = run(config);
     stickylb::demo::stop(&mut nodes);
     code
