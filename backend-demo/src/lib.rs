@@ -60,16 +60,20 @@ pub async fn serve(
         Arc::clone(&sessions),
         Rejoin::new(opts.rejoin_window),
     );
+    let (stop_writer, stop) = tokio::sync::watch::channel(false);
     let writer = tokio::spawn({
         let sessions = Arc::clone(&sessions);
-        async move { sessions.write_behind().await }
+        async move { sessions.write_behind(stop).await }
     });
     let sweeper = tokio::spawn(sweep(Arc::clone(&sessions)));
     let served = axum::serve(listener, app::router(app))
         .with_graceful_shutdown(shutdown)
         .await;
-    writer.abort();
     sweeper.abort();
+    stop_writer.send_replace(true);
+    if let Err(e) = writer.await {
+        tracing::error!(node = %opts.id, error = %e, "write-behind task failed");
+    }
     let left = sessions.drain(opts.flush_timeout).await;
     if left > 0 {
         tracing::warn!(node = %opts.id, sessions = left, "shutdown: writes still queued were not stored");

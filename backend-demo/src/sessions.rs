@@ -65,10 +65,18 @@ struct Cached {
     expires: Instant,
 }
 
+/// The last queued write sent for a session whose outcome is not yet settled.
+#[derive(Clone, Copy)]
+struct Inflight {
+    tag: u64,
+    delta: Delta,
+}
+
 #[derive(Default)]
 struct State {
     cache: HashMap<String, Cached>,
     pending: HashMap<String, Delta>,
+    inflight: HashMap<String, Inflight>,
 }
 
 pub struct Sessions {
@@ -163,6 +171,7 @@ impl Sessions {
         let mut state = self.lock();
         state.cache.remove(sid);
         state.pending.remove(sid);
+        state.inflight.remove(sid);
         Ok(())
     }
 
@@ -240,10 +249,24 @@ impl Sessions {
     /// One compare-and-set round applying `delta` on top of what the cache believes is stored.
     /// `queued`: the delta comes from the write-behind queue and leaves it once written.
     async fn apply(&self, id: &str, delta: Delta, queued: bool) -> Result<Applied, SessionError> {
-        let base = self.lock().cache.get(id).map(|c| c.base);
-        let base = base.unwrap_or_default();
+        let tag = rand::random::<u64>() >> 1; // stays within SQLite's signed integers
+        let (base, earlier) = {
+            let mut state = self.lock();
+            let base = state.cache.get(id).map_or(Record::default(), |c| c.base);
+            let sent = Inflight { tag, delta };
+            (
+                base,
+                queued
+                    .then(|| state.inflight.insert(id.to_string(), sent))
+                    .flatten(),
+            )
+        };
         let next = delta.apply(base);
-        match self.store.save(id, &next, base.version, self.ttl).await? {
+        match self
+            .store
+            .save(id, &next, tag, base.version, self.ttl)
+            .await?
+        {
             Saved::Written => {
                 if self.settle(id, next, delta, queued) {
                     // Ended while the write was in flight: end it again, or the write resurrects it.
@@ -252,6 +275,15 @@ impl Sessions {
                 Ok(Applied::Done(next))
             }
             Saved::Conflict => match self.store.load(id).await? {
+                // An earlier queued write whose outcome was unknown (cancelled or timed out) did
+                // land: count it once, then apply what is left.
+                Some(l) if earlier.is_some_and(|e| e.tag == l.tag) => {
+                    let landed = earlier.map_or(Delta::default(), |e| e.delta);
+                    if self.settle(id, l.record, landed, true) {
+                        self.store.delete(id).await?;
+                    }
+                    Ok(Applied::Retry)
+                }
                 Some(l) => {
                     let expires = Instant::now() + l.ttl_left;
                     self.lock().cache.insert(
@@ -277,6 +309,7 @@ impl Sessions {
     fn settle(&self, id: &str, written: Record, delta: Delta, queued: bool) -> bool {
         let mut state = self.lock();
         if queued {
+            state.inflight.remove(id);
             let Some(left) = state.pending.get_mut(id) else {
                 state.cache.remove(id);
                 return true;
@@ -299,11 +332,19 @@ impl Sessions {
     }
 
     /// The write-behind task (async mode): writes queued increments, coalesced per session.
-    pub async fn write_behind(&self) {
+    /// Returns when `stop` changes, never in the middle of a write: a write abandoned half way
+    /// could land without being counted as landed.
+    pub async fn write_behind(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
         loop {
-            self.wake.notified().await;
+            tokio::select! {
+                () = self.wake.notified() => {}
+                _ = stop.changed() => return,
+            }
             while self.flush_once().await.is_err() {
-                tokio::time::sleep(WRITE_BEHIND_BACKOFF).await;
+                tokio::select! {
+                    () = tokio::time::sleep(WRITE_BEHIND_BACKOFF) => {}
+                    _ = stop.changed() => return,
+                }
             }
         }
     }
@@ -373,4 +414,129 @@ enum Applied {
 /// A short, non-reversible tag for logs: never log a whole session id.
 pub fn short(id: &str) -> &str {
     id.get(..8).unwrap_or(id)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    fn node(store: &MemoryStore, mode: Replication, queue: usize) -> Sessions {
+        Sessions::new(
+            Store::Memory(store.clone()),
+            mode,
+            Duration::from_secs(60),
+            queue,
+        )
+    }
+
+    async fn stored(store: &MemoryStore, id: &str) -> Option<Record> {
+        store
+            .load(id)
+            .await
+            .map(|l| l.map(|l| l.record))
+            .unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn failover_pull_continues_the_stored_session() {
+        let store = MemoryStore::default();
+        let (a, b) = (
+            node(&store, Replication::Sync, 10),
+            node(&store, Replication::Sync, 10),
+        );
+        let id = a.visit(None, false).await.unwrap().id;
+        a.visit(Some(&id), false).await.unwrap();
+        let v = b.visit(Some(&id), true).await.unwrap();
+        assert_eq!((v.record.visits, v.created), (3, false));
+    }
+
+    #[tokio::test]
+    async fn async_writes_coalesce_and_leave_the_queue_once_stored() {
+        let store = MemoryStore::default();
+        let a = node(&store, Replication::Async, 10);
+        let id = a.visit(None, false).await.unwrap().id;
+        for _ in 0..4 {
+            a.visit(Some(&id), false).await.unwrap();
+        }
+        assert_eq!(a.pending(), 1, "five visits, one queued write");
+        assert_eq!(stored(&store, &id).await, None);
+        a.flush_once().await.unwrap();
+        assert_eq!(a.pending(), 0);
+        assert_eq!(
+            stored(&store, &id).await,
+            Some(Record {
+                visits: 5,
+                version: 5
+            })
+        );
+        let v = a.get(Some(&id), false).await.unwrap().unwrap();
+        assert_eq!(
+            v.record.visits, 5,
+            "the view did not double count after the flush"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_writes_through() {
+        let store = MemoryStore::default();
+        let a = node(&store, Replication::Async, 1);
+        let first = a.visit(None, false).await.unwrap().id;
+        let second = a.visit(None, false).await.unwrap().id;
+        assert_eq!(a.pending(), 1);
+        assert_eq!(stored(&store, &first).await, None, "queued");
+        assert_eq!(
+            stored(&store, &second).await,
+            Some(Record {
+                visits: 1,
+                version: 1
+            }),
+            "written through"
+        );
+    }
+
+    #[tokio::test]
+    async fn queued_increments_merge_with_newer_state_from_another_node() {
+        let store = MemoryStore::default();
+        let (a, b) = (
+            node(&store, Replication::Async, 10),
+            node(&store, Replication::Sync, 10),
+        );
+        let id = b.visit(None, false).await.unwrap().id;
+        a.visit(Some(&id), true).await.unwrap();
+        b.visit(Some(&id), false).await.unwrap();
+        b.visit(Some(&id), false).await.unwrap();
+        a.flush_once().await.unwrap();
+        assert_eq!(
+            stored(&store, &id).await.map(|r| r.visits),
+            Some(4),
+            "no increment lost either way"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_session_is_never_resurrected_from_the_local_copy() {
+        let store = MemoryStore::default();
+        let a = node(&store, Replication::Sync, 10);
+        let id = a.visit(None, false).await.unwrap().id;
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert!(a.get(Some(&id), false).await.unwrap().is_none());
+        let v = a.visit(Some(&id), false).await.unwrap();
+        assert!(v.created && v.id != id && v.record.visits == 1, "{v:?}");
+    }
+
+    #[tokio::test]
+    async fn ending_a_session_removes_it_everywhere() {
+        let store = MemoryStore::default();
+        let (a, b) = (
+            node(&store, Replication::Sync, 10),
+            node(&store, Replication::Sync, 10),
+        );
+        let id = a.visit(None, false).await.unwrap().id;
+        b.get(Some(&id), true).await.unwrap();
+        a.end(&id).await.unwrap();
+        assert!(a.get(Some(&id), false).await.unwrap().is_none());
+        assert!(b.get(Some(&id), true).await.unwrap().is_none());
+    }
 }

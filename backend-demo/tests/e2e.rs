@@ -103,7 +103,7 @@ async fn walkthrough(kind: &str) {
         "the affinity cookie was re-pinned"
     );
 
-    nodes[owner].restart();
+    nodes[owner].restart().await;
     wait_up(&proxy, &nodes[owner].id).await;
     let back = session(&browser.send("POST", "/visit").await);
     assert_eq!(
@@ -157,7 +157,7 @@ async fn kill_trials(kind: &str, replication: &str, trials: usize) -> Option<(us
         if got.visits < acked.visits {
             lost += 1;
         }
-        nodes[owner].restart();
+        nodes[owner].restart().await;
         wait_up(&proxy, &nodes[owner].id).await;
     }
     Some((trials, lost))
@@ -398,4 +398,43 @@ async fn an_unknown_session_id_is_never_adopted() {
             .status,
         404
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_mode_flushes_queued_writes_on_graceful_shutdown() {
+    use backend_demo::store::{SessionStore, Store};
+    let path = support::sqlite_path("flush");
+    let mut node = Node::start(
+        "a",
+        &[
+            "--store",
+            &format!("sqlite:{path}"),
+            "--replication",
+            "async",
+        ],
+    );
+    let client = std::sync::Arc::new(common::Clientele::new(node.addr));
+    let mut writes = tokio::task::JoinSet::new();
+    for _ in 0..200 {
+        let client = std::sync::Arc::clone(&client);
+        writes.spawn(async move { session(&client.send("POST", "/visit", None, "").await) });
+    }
+    let acked: Vec<_> = writes.join_all().await;
+    let health: serde_json::Value =
+        serde_json::from_str(&client.get("/healthz", None).await.body).unwrap();
+    println!(
+        "FIGURE flush: {} sessions queued at SIGTERM",
+        health["pending_replication"]
+    );
+    node.signal("TERM");
+    assert!(node.wait(), "graceful exit");
+    let store = Store::open(&format!("sqlite:{path}"), "").await.unwrap();
+    for s in &acked {
+        let stored = store.load(s.id.as_deref().unwrap()).await.unwrap();
+        assert_eq!(
+            stored.map(|l| l.record.visits),
+            Some(1),
+            "an acknowledged write was not flushed"
+        );
+    }
 }

@@ -20,35 +20,39 @@ async fn compare_and_set(store: &Store) {
     let id = new_id();
     assert!(store.load(&id).await.unwrap().is_none());
     assert_eq!(
-        store.save(&id, &rec(1, 1), 1, TTL).await.unwrap(),
+        store.save(&id, &rec(1, 1), 7, 1, TTL).await.unwrap(),
         Saved::Conflict,
         "absent is version 0"
     );
     assert_eq!(
-        store.save(&id, &rec(1, 1), 0, TTL).await.unwrap(),
+        store.save(&id, &rec(1, 1), 7, 0, TTL).await.unwrap(),
         Saved::Written
     );
     assert_eq!(
-        store.save(&id, &rec(9, 1), 0, TTL).await.unwrap(),
+        store.save(&id, &rec(9, 1), 7, 0, TTL).await.unwrap(),
         Saved::Conflict,
         "create twice"
     );
     let loaded = store.load(&id).await.unwrap().unwrap();
-    assert_eq!(loaded.record, rec(1, 1));
+    assert_eq!(
+        (loaded.record, loaded.tag),
+        (rec(1, 1), 7),
+        "the writer's tag is stored"
+    );
     assert!(loaded.ttl_left > Duration::from_secs(50) && loaded.ttl_left <= TTL);
     assert_eq!(
-        store.save(&id, &rec(2, 2), 0, TTL).await.unwrap(),
+        store.save(&id, &rec(2, 2), 7, 0, TTL).await.unwrap(),
         Saved::Conflict
     );
     assert_eq!(
-        store.save(&id, &rec(2, 2), 1, TTL).await.unwrap(),
+        store.save(&id, &rec(2, 2), 7, 1, TTL).await.unwrap(),
         Saved::Written
     );
     assert_eq!(store.load(&id).await.unwrap().unwrap().record, rec(2, 2));
     store.delete(&id).await.unwrap();
     assert!(store.load(&id).await.unwrap().is_none());
     assert_eq!(
-        store.save(&id, &rec(1, 1), 2, TTL).await.unwrap(),
+        store.save(&id, &rec(1, 1), 7, 2, TTL).await.unwrap(),
         Saved::Conflict,
         "deleted is absent"
     );
@@ -71,7 +75,8 @@ async fn concurrent_writers_lose_nothing(store: &Store) {
                         .map(|l| l.record)
                         .unwrap_or_default();
                     let next = rec(cur.visits + 1, cur.version + 1);
-                    if store.save(&id, &next, cur.version, TTL).await.unwrap() == Saved::Written {
+                    if store.save(&id, &next, 7, cur.version, TTL).await.unwrap() == Saved::Written
+                    {
                         break;
                     }
                 }
@@ -91,7 +96,7 @@ async fn idle_sessions_expire(store: &Store) {
     let id = new_id();
     assert_eq!(
         store
-            .save(&id, &rec(1, 1), 0, Duration::from_millis(150))
+            .save(&id, &rec(1, 1), 7, 0, Duration::from_millis(150))
             .await
             .unwrap(),
         Saved::Written
@@ -102,13 +107,13 @@ async fn idle_sessions_expire(store: &Store) {
     })
     .await;
     assert_eq!(
-        store.save(&id, &rec(5, 5), 1, TTL).await.unwrap(),
+        store.save(&id, &rec(5, 5), 7, 1, TTL).await.unwrap(),
         Saved::Conflict,
         "expired is absent"
     );
     store.sweep().await.unwrap();
     assert_eq!(
-        store.save(&id, &rec(1, 1), 0, TTL).await.unwrap(),
+        store.save(&id, &rec(1, 1), 7, 0, TTL).await.unwrap(),
         Saved::Written
     );
 }
@@ -140,12 +145,12 @@ async fn sqlite_store_is_shared_between_processes_worth_of_connections() {
     );
     let id = new_id();
     assert_eq!(
-        one.save(&id, &rec(1, 1), 0, TTL).await.unwrap(),
+        one.save(&id, &rec(1, 1), 7, 0, TTL).await.unwrap(),
         Saved::Written
     );
     assert_eq!(two.load(&id).await.unwrap().unwrap().record, rec(1, 1));
     assert_eq!(
-        two.save(&id, &rec(1, 1), 0, TTL).await.unwrap(),
+        two.save(&id, &rec(1, 1), 7, 0, TTL).await.unwrap(),
         Saved::Conflict
     );
 }

@@ -9,14 +9,24 @@ use tokio::time::Instant;
 use super::{Loaded, Saved, SessionStore, StoreError};
 use crate::session::Record;
 
+struct Entry {
+    record: Record,
+    tag: u64,
+    expires: Instant,
+}
+
 #[derive(Clone, Default)]
 pub struct MemoryStore {
-    map: Arc<Mutex<HashMap<String, (Record, Instant)>>>,
+    map: Arc<Mutex<HashMap<String, Entry>>>,
 }
 
 impl MemoryStore {
-    fn with<T>(&self, f: impl FnOnce(&mut HashMap<String, (Record, Instant)>) -> T) -> T {
-        f(&mut self.map.lock().unwrap_or_else(PoisonError::into_inner))
+    /// Runs `f` on the live entries (expired ones are removed first).
+    fn with<T>(&self, f: impl FnOnce(&mut HashMap<String, Entry>) -> T) -> T {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        map.retain(|_, e| e.expires > now);
+        f(&mut map)
     }
 }
 
@@ -24,10 +34,11 @@ impl SessionStore for MemoryStore {
     async fn load(&self, id: &str) -> Result<Option<Loaded>, StoreError> {
         let now = Instant::now();
         Ok(self.with(|m| {
-            let (record, expires) = m.get(id).filter(|(_, exp)| *exp > now)?;
+            let e = m.get(id)?;
             Some(Loaded {
-                record: *record,
-                ttl_left: *expires - now,
+                record: e.record,
+                tag: e.tag,
+                ttl_left: e.expires - now,
             })
         }))
     }
@@ -36,19 +47,23 @@ impl SessionStore for MemoryStore {
         &self,
         id: &str,
         record: &Record,
+        tag: u64,
         expected: u64,
         ttl: Duration,
     ) -> Result<Saved, StoreError> {
-        let now = Instant::now();
+        let expires = Instant::now() + ttl;
         Ok(self.with(|m| {
-            let current = m
-                .get(id)
-                .filter(|(_, exp)| *exp > now)
-                .map_or(0, |(r, _)| r.version);
-            if current != expected {
+            if m.get(id).map_or(0, |e| e.record.version) != expected {
                 return Saved::Conflict;
             }
-            m.insert(id.to_string(), (*record, now + ttl));
+            m.insert(
+                id.to_string(),
+                Entry {
+                    record: *record,
+                    tag,
+                    expires,
+                },
+            );
             Saved::Written
         }))
     }
@@ -63,11 +78,6 @@ impl SessionStore for MemoryStore {
     }
 
     async fn sweep(&self) -> Result<u64, StoreError> {
-        let now = Instant::now();
-        Ok(self.with(|m| {
-            let before = m.len();
-            m.retain(|_, (_, exp)| *exp > now);
-            (before - m.len()) as u64
-        }))
+        Ok(0) // `with` drops expired entries on every access
     }
 }

@@ -34,6 +34,8 @@ pub enum StoreError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Loaded {
     pub record: Record,
+    /// The tag of the write that stored this record (see [`SessionStore::save`]).
+    pub tag: u64,
     pub ttl_left: Duration,
 }
 
@@ -50,11 +52,13 @@ pub trait SessionStore: Send + Sync {
     /// The live (unexpired) record, if any, with the time it has left.
     fn load(&self, id: &str) -> impl Future<Output = Result<Option<Loaded>, StoreError>> + Send;
     /// Writes `record` only if the stored version is `expected` (0: no live record), and
-    /// (re)starts its idle expiry at `ttl`.
+    /// (re)starts its idle expiry at `ttl`. `tag` is stored with the record, so a writer whose
+    /// earlier attempt had an unknown outcome (timeout, cancellation) can recognise it landed.
     fn save(
         &self,
         id: &str,
         record: &Record,
+        tag: u64,
         expected: u64,
         ttl: Duration,
     ) -> impl Future<Output = Result<Saved, StoreError>> + Send;
@@ -132,13 +136,14 @@ impl SessionStore for Store {
         &self,
         id: &str,
         record: &Record,
+        tag: u64,
         expected: u64,
         ttl: Duration,
     ) -> Result<Saved, StoreError> {
         match self {
-            Self::Memory(s) => bounded(s.save(id, record, expected, ttl)).await,
-            Self::Sqlite(s) => bounded(s.save(id, record, expected, ttl)).await,
-            Self::Redis(s) => bounded(s.save(id, record, expected, ttl)).await,
+            Self::Memory(s) => bounded(s.save(id, record, tag, expected, ttl)).await,
+            Self::Sqlite(s) => bounded(s.save(id, record, tag, expected, ttl)).await,
+            Self::Redis(s) => bounded(s.save(id, record, tag, expected, ttl)).await,
         }
     }
 

@@ -17,11 +17,11 @@ pub struct RedisStore {
     cas: Script,
 }
 
-/// KEYS[1] = session key; ARGV = expected version, visits, new version, ttl ms.
+/// KEYS[1] = session key; ARGV = expected version, visits, new version, ttl ms, tag.
 const CAS: &str = r"
 local current = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
 if current ~= tonumber(ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[1], 'visits', ARGV[2], 'version', ARGV[3])
+redis.call('HSET', KEYS[1], 'visits', ARGV[2], 'version', ARGV[3], 'tag', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
 ";
@@ -51,12 +51,14 @@ impl SessionStore for RedisStore {
     async fn load(&self, id: &str) -> Result<Option<Loaded>, StoreError> {
         let mut conn = self.conn.clone();
         let key = self.key(id);
-        let ((visits, version), pttl): ((Option<u64>, Option<u64>), i64) = redis::pipe()
+        type Fields = (Option<u64>, Option<u64>, Option<u64>);
+        let ((visits, version, tag), pttl): (Fields, i64) = redis::pipe()
             .atomic()
             .cmd("HMGET")
             .arg(&key)
             .arg("visits")
             .arg("version")
+            .arg("tag")
             .cmd("PTTL")
             .arg(&key)
             .query_async(&mut conn)
@@ -66,6 +68,7 @@ impl SessionStore for RedisStore {
         };
         Ok(Some(Loaded {
             record: Record { visits, version },
+            tag: tag.unwrap_or(0),
             ttl_left: Duration::from_millis(left),
         }))
     }
@@ -74,6 +77,7 @@ impl SessionStore for RedisStore {
         &self,
         id: &str,
         rec: &Record,
+        tag: u64,
         expected: u64,
         ttl: Duration,
     ) -> Result<Saved, StoreError> {
@@ -86,6 +90,7 @@ impl SessionStore for RedisStore {
             .arg(rec.visits)
             .arg(rec.version)
             .arg(ttl_ms)
+            .arg(tag)
             .invoke_async(&mut conn)
             .await?;
         Ok(if written == 1 {

@@ -24,6 +24,7 @@ const SCHEMA: &str = "
         id         TEXT PRIMARY KEY,
         visits     INTEGER NOT NULL,
         version    INTEGER NOT NULL,
+        tag        INTEGER NOT NULL,
         expires_ms INTEGER NOT NULL
     );
     CREATE INDEX IF NOT EXISTS sessions_expiry ON sessions (expires_ms);
@@ -95,14 +96,15 @@ impl SessionStore for SqliteStore {
             let now = now_ms();
             let row = c
                 .query_row(
-                    "SELECT visits, version, expires_ms FROM sessions WHERE id = ?1 AND expires_ms > ?2",
+                    "SELECT visits, version, expires_ms, tag FROM sessions WHERE id = ?1 AND expires_ms > ?2",
                     params![id, now],
-                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)),
+                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?)),
                 )
                 .optional()?;
-            let Some((visits, version, expires)) = row else { return Ok(None) };
+            let Some((visits, version, expires, tag)) = row else { return Ok(None) };
             let left = Duration::from_millis(u64::try_from(expires - now).unwrap_or(0));
-            Ok(Some(Loaded { record: record(visits, version)?, ttl_left: left }))
+            let tag = u64::try_from(tag).map_err(|_| StoreError::Corrupt(format!("tag={tag}")))?;
+            Ok(Some(Loaded { record: record(visits, version)?, tag, ttl_left: left }))
         })
         .await
     }
@@ -111,6 +113,7 @@ impl SessionStore for SqliteStore {
         &self,
         id: &str,
         rec: &Record,
+        tag: u64,
         expected: u64,
         ttl: Duration,
     ) -> Result<Saved, StoreError> {
@@ -130,13 +133,14 @@ impl SessionStore for SqliteStore {
                 return Ok(Saved::Conflict);
             }
             tx.execute(
-                "INSERT INTO sessions (id, visits, version, expires_ms) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (id) DO UPDATE SET visits = ?2, version = ?3, expires_ms = ?4",
+                "INSERT INTO sessions (id, visits, version, expires_ms, tag) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (id) DO UPDATE SET visits = ?2, version = ?3, expires_ms = ?4, tag = ?5",
                 params![
                     id,
                     as_i64(rec.visits),
                     as_i64(rec.version),
-                    now.saturating_add(ms(ttl))
+                    now.saturating_add(ms(ttl)),
+                    as_i64(tag)
                 ],
             )?;
             tx.commit()?;

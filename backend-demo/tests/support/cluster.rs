@@ -40,11 +40,20 @@ impl Node {
         self.child.wait().unwrap();
     }
 
-    /// Starts the node again on its old address.
-    pub fn restart(&mut self) {
-        let (child, addr) = spawn(&self.id, &self.addr.to_string(), &self.args);
+    /// Starts the node again on its old address. Waiting for it runs on the blocking pool, so
+    /// an in-process proxy on the test's runtime keeps serving meanwhile.
+    pub async fn restart(&mut self) {
+        let (id, listen, args) = (self.id.clone(), self.addr.to_string(), self.args.clone());
+        let (child, addr) = tokio::task::spawn_blocking(move || spawn(&id, &listen, &args))
+            .await
+            .unwrap();
         assert_eq!(addr, self.addr);
         self.child = child;
+    }
+
+    /// Waits for the process to exit; true if it exited cleanly.
+    pub fn wait(&mut self) -> bool {
+        self.child.wait().unwrap().success()
     }
 
     /// Sends a signal by name (STOP, CONT, TERM) with the system's `kill`.
@@ -66,7 +75,11 @@ impl Drop for Node {
 }
 
 fn spawn(id: &str, listen: &str, args: &[String]) -> (Child, SocketAddr) {
-    let log = std::env::temp_dir().join(format!("backend-demo-{id}-{}.log", std::process::id()));
+    let tag = &backend_demo::session::new_id()[..8];
+    let log = std::env::temp_dir().join(format!(
+        "backend-demo-{id}-{}-{tag}.log",
+        std::process::id()
+    ));
     let mut child = Command::new(env!("CARGO_BIN_EXE_backend-demo"))
         .args(["--id", id, "--listen", listen])
         .args(args)
@@ -85,7 +98,8 @@ fn spawn(id: &str, listen: &str, args: &[String]) -> (Child, SocketAddr) {
 }
 
 /// Heartbeats fast enough that tests wait milliseconds, not seconds.
-pub const HEALTH: &str = "[health]\ninterval = \"25ms\"\ntimeout = \"250ms\"\nrise = 1\nfall = 2\n";
+pub const HEALTH: &str = "[health]\ninterval = \"25ms\"\ntimeout = \"250ms\"\nrise = 1\nfall = 2\n\
+                          [timeouts]\nbackend_response = \"3s\"\n";
 
 pub fn proxy_config(nodes: &[&Node]) -> String {
     let mut s = format!(
