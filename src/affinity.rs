@@ -25,6 +25,18 @@ pub fn token(secret: &[u8], backend_id: &str) -> String {
     URL_SAFE_NO_PAD.encode(&mac.finalize().into_bytes()[..TOKEN_BYTES])
 }
 
+/// A short, keyed, one-way tag of the client's other cookies (its application session), so
+/// failover audit events can be correlated without ever logging a cookie value.
+pub fn session_tag(secret: &[u8], cookies: &[u8]) -> String {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).unwrap_or_else(|_| unreachable!());
+    mac.update(b"stickylb-session-tag-v1:");
+    mac.update(cookies);
+    mac.finalize().into_bytes()[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// The full `Set-Cookie` value that pins a client to a backend, built once per routing snapshot.
 pub fn set_cookie(cfg: &AffinityConfig, token: &str) -> HeaderValue {
     let same_site = match cfg.same_site {

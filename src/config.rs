@@ -75,6 +75,25 @@ pub struct Config {
     pub health: HealthConfig,
     pub timeouts: TimeoutConfig,
     pub backends: Vec<BackendConfig>,
+    /// The admin listener; absent means none.
+    pub admin: Option<AdminConfig>,
+}
+
+#[derive(Clone)]
+pub struct AdminConfig {
+    pub address: SocketAddr,
+    /// Bearer token required on every admin request except the dashboard page itself.
+    pub token: Option<String>,
+}
+
+impl fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let token = self.token.as_ref().map(|_| "<redacted>");
+        f.debug_struct("AdminConfig")
+            .field("address", &self.address)
+            .field("token", &token)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -154,6 +173,14 @@ mod raw {
         pub timeouts: Timeouts,
         #[serde(default)]
         pub backends: Vec<Backend>,
+        pub admin: Option<Admin>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Admin {
+        pub address: Spanned<String>,
+        pub token: Option<String>,
     }
 
     #[derive(Deserialize)]
@@ -337,8 +364,9 @@ fn validate(
     env_secret: Option<String>,
 ) -> Result<Config, ConfigError> {
     let listener = ListenerConfig {
-        address: socket_addr(&raw.listener.address, ctx)?,
+        address: socket_addr(&raw.listener.address, "listener.address", ctx)?,
     };
+    let admin = raw.admin.map(|a| admin(a, ctx)).transpose()?;
     let affinity = affinity(raw.affinity, ctx, env_secret)?;
     let health = health(raw.health, ctx)?;
     let retries = *raw.balancer.retries.get_ref();
@@ -353,6 +381,7 @@ fn validate(
     let backends = backends(raw.backends, ctx)?;
     Ok(Config {
         file: ctx.file.to_path_buf(),
+        admin,
         listener,
         affinity,
         balancer: BalancerConfig {
@@ -365,14 +394,24 @@ fn validate(
     })
 }
 
-fn socket_addr(value: &Spanned<String>, ctx: &Ctx) -> Result<SocketAddr, ConfigError> {
+fn socket_addr(value: &Spanned<String>, key: &str, ctx: &Ctx) -> Result<SocketAddr, ConfigError> {
     value.get_ref().parse().map_err(|_| {
         let msg = format!(
             "invalid address {:?}: expected IP:port, e.g. \"127.0.0.1:8080\" or \"[::1]:8080\"",
             value.get_ref()
         );
-        ctx.error(value.span(), "listener.address", msg)
+        ctx.error(value.span(), key, msg)
     })
+}
+
+fn admin(raw: raw::Admin, ctx: &Ctx) -> Result<AdminConfig, ConfigError> {
+    let address = socket_addr(&raw.address, "admin.address", ctx)?;
+    let token = raw.token.filter(|t| !t.is_empty());
+    if !address.ip().is_loopback() && token.is_none() {
+        let msg = format!("{address} is reachable from other machines: set admin.token, or use a loopback address");
+        return Err(ctx.error(raw.address.span(), "admin.address", msg));
+    }
+    Ok(AdminConfig { address, token })
 }
 
 fn affinity(
@@ -691,6 +730,22 @@ weight = 3
             "{e}"
         );
         assert!(e.message.contains("`lax`, `strict`, `none`"), "{e}");
+    }
+
+    #[test]
+    fn a_reachable_admin_listener_needs_a_token() {
+        let e = err(&format!("{GOOD}\n[admin]\naddress = \"0.0.0.0:9090\"\n"));
+        assert_eq!(e.key, "admin.address", "{e}");
+        assert!(e.message.contains("admin.token"), "{e}");
+        let with_token =
+            format!("{GOOD}\n[admin]\naddress = \"0.0.0.0:9090\"\ntoken = \"t0k3n\"\n");
+        assert!(parse(&with_token)
+            .expect("valid")
+            .admin
+            .is_some_and(|a| a.token.is_some()));
+        let local = format!("{GOOD}\n[admin]\naddress = \"127.0.0.1:9090\"\n");
+        assert!(parse(&local).expect("valid").admin.is_some());
+        assert!(parse(GOOD).expect("valid").admin.is_none());
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::backend::Backend;
 use crate::body::UpstreamBody;
 use crate::config::HealthConfig;
 use crate::error::chain;
+use crate::metrics::Metrics;
 use crate::routing::Routing;
 
 const AGENT: &str = concat!("stickylb-health/", env!("CARGO_PKG_VERSION"));
@@ -32,7 +33,7 @@ pub struct Heartbeats {
 
 impl Heartbeats {
     /// Makes the running probes match `routing`: one per backend, with `cfg`'s settings.
-    pub fn sync(&mut self, routing: &Routing, cfg: &HealthConfig) {
+    pub fn sync(&mut self, routing: &Routing, cfg: &HealthConfig, metrics: &Arc<Metrics>) {
         let wanted: Vec<&Arc<Backend>> = routing.members.iter().map(|m| &m.backend).collect();
         self.tasks.retain(|id, (backend, task)| {
             let keep = wanted.iter().any(|b| Arc::ptr_eq(b, backend));
@@ -46,7 +47,7 @@ impl Heartbeats {
             if let Some((_, task)) = self.tasks.remove(&backend.id) {
                 task.abort(); // settings may have changed: restart with the new ones
             }
-            let task = tokio::spawn(run(Arc::clone(backend), cfg.clone()));
+            let task = tokio::spawn(run(Arc::clone(backend), cfg.clone(), Arc::clone(metrics)));
             self.tasks
                 .insert(backend.id.clone(), (Arc::clone(backend), task));
         }
@@ -61,7 +62,7 @@ impl Drop for Heartbeats {
     }
 }
 
-async fn run(backend: Arc<Backend>, cfg: HealthConfig) {
+async fn run(backend: Arc<Backend>, cfg: HealthConfig, metrics: Arc<Metrics>) {
     // A fresh connection per probe, as a new client would make: a pooled one could hide a dead
     // listener.
     let mut connector = HttpConnector::new();
@@ -74,11 +75,14 @@ async fn run(backend: Arc<Backend>, cfg: HealthConfig) {
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        let started = tokio::time::Instant::now();
         let result = probe(&client, &backend, &cfg).await;
+        let took = started.elapsed();
+        metrics.heartbeat_latency(&backend.id, took);
         if let Err(reason) = &result {
             tracing::debug!(backend = %backend.id, reason, "heartbeat failed");
         }
-        backend.record_heartbeat(result);
+        backend.record_heartbeat(result, took);
     }
 }
 

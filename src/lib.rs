@@ -14,8 +14,12 @@
 //! - [`body`]: streaming request/response bodies, replayable until first read.
 //! - [`error`]: the one mapping from failures to 502/503/504.
 //! - [`server`]: accept loop, HTTP/1.1 + h2c, graceful shutdown.
+//! - [`admin`]: the admin listener: status, drain/maintenance/enable, reload, metrics, dashboard.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`reload`]: hot reload (file watch, API; SIGHUP in `main`), swapping the snapshot whole.
 //! - [`demo`]: `stickylb demo`, the proxy plus demo backend processes in one command.
 
+pub mod admin;
 pub mod affinity;
 pub mod backend;
 pub mod balancer;
@@ -26,7 +30,9 @@ pub mod error;
 pub mod headers;
 pub mod health;
 pub mod heartbeat;
+pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod routing;
 pub mod server;
 
@@ -37,24 +43,39 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 
 use crate::backend::Backend;
-use crate::config::Config;
-use crate::heartbeat::Heartbeats;
+use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::reload::Reloader;
 use crate::routing::Routing;
 
-/// A configured proxy, ready to serve on a listener the caller bound (tests bind port 0).
+/// A configured proxy, ready to serve on listeners the caller bound (tests bind port 0).
 #[derive(Clone)]
 pub struct Stickylb {
     config: Config,
     routing: Arc<ArcSwap<Routing>>,
+    metrics: Arc<Metrics>,
+    reloader: Arc<Reloader>,
 }
 
 impl Stickylb {
     pub fn new(config: Config) -> Self {
         let routing = Arc::new(ArcSwap::from_pointee(Routing::build(&config, None)));
-        Self { config, routing }
+        let metrics = Arc::new(Metrics::default());
+        let reloader = Arc::new(Reloader::new(
+            config.clone(),
+            Arc::clone(&routing),
+            Arc::clone(&metrics),
+        ));
+        Self {
+            config,
+            routing,
+            metrics,
+            reloader,
+        }
     }
 
+    /// The configuration it started with.
     pub fn config(&self) -> &Config {
         &self.config
     }
@@ -64,17 +85,44 @@ impl Stickylb {
         self.routing.load().find(id).cloned()
     }
 
-    /// Serves until `shutdown` resolves, then drains in-flight requests within the grace period.
-    pub async fn serve(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-        let mut heartbeats = Heartbeats::default();
-        heartbeats.sync(&self.routing.load(), &self.config.health);
+    /// Re-reads the config file and swaps the routing state; on error nothing changes.
+    pub async fn reload(&self, trigger: &'static str) -> Result<(), ConfigError> {
+        self.reloader.reload(trigger).await
+    }
+
+    /// Serves traffic (and the admin API on `admin`, if given) until `shutdown` resolves, then
+    /// drains in-flight requests within the grace period. The config file is watched for changes.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        admin: Option<TcpListener>,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        self.reloader.start_heartbeats().await;
+        let watcher = tokio::spawn(Arc::clone(&self.reloader).watch_file());
+        let admin = admin.map(|l| {
+            let api = admin::Admin {
+                routing: Arc::clone(&self.routing),
+                reloader: Arc::clone(&self.reloader),
+                metrics: Arc::clone(&self.metrics),
+            };
+            tokio::spawn(admin::serve(l, Arc::new(api)))
+        });
         let client = proxy::upstream_client(self.config.timeouts.backend_connect);
-        let proxy = Arc::new(Proxy::new(Arc::clone(&self.routing), client));
+        let proxy = Arc::new(Proxy::new(
+            Arc::clone(&self.routing),
+            client,
+            Arc::clone(&self.metrics),
+        ));
         let settings = server::ServerSettings {
             client_header_timeout: self.config.timeouts.client_header,
             shutdown_grace: self.config.timeouts.shutdown_grace,
         };
         server::serve(listener, proxy, settings, shutdown).await;
-        drop(heartbeats);
+        watcher.abort();
+        if let Some(task) = admin {
+            task.abort();
+        }
+        self.reloader.stop_heartbeats().await;
     }
 }

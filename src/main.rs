@@ -102,10 +102,22 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(address = %address, backends = config.backends.len(), "listening");
-    Stickylb::new(config)
-        .serve(listener, shutdown_signal())
-        .await;
+    let admin = match &config.admin {
+        None => None,
+        Some(a) => match tokio::net::TcpListener::bind(a.address).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::error!(address = %a.address, error = %e, "cannot listen for admin");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let admin_address = config.admin.as_ref().map(|a| a.address);
+    tracing::info!(address = %address, admin = ?admin_address, backends = config.backends.len(), "listening");
+    let lb = Stickylb::new(config);
+    let hup = tokio::spawn(reload_on_sighup(lb.clone()));
+    lb.serve(listener, admin, shutdown_signal()).await;
+    hup.abort();
     ExitCode::SUCCESS
 }
 
@@ -117,6 +129,24 @@ fn init_tracing() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+/// SIGHUP reloads the configuration, as `POST /reload` does.
+async fn reload_on_sighup(lb: Stickylb) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGHUP; reload with POST /reload instead");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        // A rejected file is logged by the reloader, and the running configuration stays.
+        if lb.reload("SIGHUP").await.is_err() {
+            continue;
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

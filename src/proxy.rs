@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use http::header::SET_COOKIE;
+use http::header::{COOKIE, SET_COOKIE};
 use http::request::Parts;
 use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderValue, Method, Request, Response, Uri, Version};
@@ -17,10 +17,12 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::affinity;
+use crate::backend::Mode;
 use crate::body::{ProxyBody, Replayable, UpstreamBody};
 use crate::error::{chain, ProxyError};
 use crate::headers::{self, FAILOVER};
-use crate::routing::{Member, Routing};
+use crate::metrics::Metrics;
+use crate::routing::{Member, Pin, Routing};
 
 pub type UpstreamClient = Client<HttpConnector, UpstreamBody>;
 
@@ -61,6 +63,7 @@ pub fn upstream_client(connect_timeout: Duration) -> UpstreamClient {
 pub struct Proxy {
     routing: Arc<ArcSwap<Routing>>,
     client: UpstreamClient,
+    metrics: Arc<Metrics>,
 }
 
 /// Facts about one exchange, filled in as it goes, logged once at the end.
@@ -69,9 +72,26 @@ struct Exchange {
     affinity: AffinityOutcome,
 }
 
+/// Why a pin could not be honoured, for the failover audit event.
+fn unusable_pin_reason(routing: &Routing, pin: &Pin) -> &'static str {
+    match pin {
+        Pin::Member(p) if routing.members[*p].backend.mode() == Mode::Maintenance => "maintenance",
+        Pin::Retired(_) => "removed",
+        _ => "down",
+    }
+}
+
 impl Proxy {
-    pub fn new(routing: Arc<ArcSwap<Routing>>, client: UpstreamClient) -> Self {
-        Self { routing, client }
+    pub fn new(
+        routing: Arc<ArcSwap<Routing>>,
+        client: UpstreamClient,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            routing,
+            client,
+            metrics,
+        }
     }
 
     /// Serves one client request; never fails, errors become responses here.
@@ -94,11 +114,14 @@ impl Proxy {
                 e.into_response(&routing.retry_after)
             }
         };
+        let backend = ex.backend.as_ref().map_or("-", |b| b.id.as_str());
+        let status = resp.status().as_u16();
+        self.metrics.request(backend, status, ex.affinity.as_str());
         tracing::info!(
             method = %method,
             path,
-            status = resp.status().as_u16(),
-            backend = ex.backend.as_ref().map_or("-", |b| b.id.as_str()),
+            status,
+            backend,
             affinity = ex.affinity.as_str(),
             duration_us = started.elapsed().as_micros() as u64,
             "request"
@@ -114,33 +137,39 @@ impl Proxy {
         ex: &mut Exchange,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
-        let pinned = routing.pinned(&affinity::take(&mut parts.headers, &routing.cookie_name));
+        let pin = routing.pin(&affinity::take(&mut parts.headers, &routing.cookie_name));
         headers::prepare_request(&mut parts, peer.ip());
         let body = Replayable::new(body);
         // Replaying after bytes went out is safe only for idempotent requests without a body.
         let replayable = body.is_empty() && is_idempotent(&parts.method);
         let mut last = ProxyError::NoBackend;
-        let mut failover_reason = "down";
-        for idx in routing.candidates(pinned) {
+        let mut reason = unusable_pin_reason(routing, &pin);
+        for idx in routing.candidates(&pin) {
             let member = &routing.members[idx];
-            let from = pinned.filter(|&p| p != idx).map(|p| &routing.members[p]);
-            ex.affinity = match (pinned, from) {
-                (None, _) => AffinityOutcome::New,
-                (Some(_), None) => AffinityOutcome::Hit,
-                (Some(_), Some(_)) => AffinityOutcome::Failover,
+            let hit = pin == Pin::Member(idx);
+            let from = match &pin {
+                Pin::Member(p) if !hit => Some(routing.members[*p].backend.id.as_str()),
+                Pin::Retired(id) => Some(id.as_str()),
+                _ => None,
+            };
+            ex.affinity = match (&pin, hit) {
+                (Pin::None, _) => AffinityOutcome::New,
+                (_, true) => AffinityOutcome::Hit,
+                (_, false) => AffinityOutcome::Failover,
             };
             ex.backend = Some(Arc::clone(&member.backend));
             let timeout = routing.timeouts.backend_response;
             let attempt = upstream_request(&parts, member, from, body.attempt());
-            let guard = member.backend.start_request();
+            let guard = member.backend.start_request(hit);
+            let sent = Instant::now();
             let err = match tokio::time::timeout(timeout, self.client.request(attempt)).await {
                 Ok(Ok(resp)) => {
-                    log_failover(from, member, failover_reason);
-                    return Ok(respond(
-                        resp,
-                        guard,
-                        (ex.affinity != AffinityOutcome::Hit).then_some(member),
-                    ));
+                    self.metrics
+                        .upstream_latency(&member.backend.id, sent.elapsed());
+                    if let Some(old) = from {
+                        self.audit(routing, &parts, old, member, reason);
+                    }
+                    return Ok(respond(resp, guard, (!hit).then_some(member)));
                 }
                 Ok(Err(e)) => e,
                 Err(_elapsed) => return Err(ProxyError::Timeout(timeout)),
@@ -152,11 +181,11 @@ impl Proxy {
                     .backend
                     .mark_down(&format!("connect failed: {}", chain(&err)));
             }
-            if Some(idx) == pinned {
-                failover_reason = if refused {
-                    "connect_error"
-                } else {
-                    "upstream_error"
+            if hit {
+                reason = match (refused, chain(&err).contains("timed out")) {
+                    (true, true) => "timeout",
+                    (true, false) => "connect_error",
+                    (false, _) => "upstream_error",
                 };
             }
             last = ProxyError::Upstream(err);
@@ -166,10 +195,30 @@ impl Proxy {
                 break;
             }
         }
-        if !routing.any_up() {
+        if !routing.any_takes_new() {
             return Err(ProxyError::NoBackend);
         }
         Err(last)
+    }
+
+    /// One structured event per broken pin: never the cookie, only a keyed tag of the session.
+    fn audit(
+        &self,
+        routing: &Routing,
+        parts: &Parts,
+        from: &str,
+        to: &Member,
+        reason: &'static str,
+    ) {
+        let cookies: Vec<u8> = parts
+            .headers
+            .get_all(COOKIE)
+            .iter()
+            .flat_map(|v| v.as_bytes().to_vec())
+            .collect();
+        let session = affinity::session_tag(&routing.audit_key, &cookies);
+        self.metrics.failover(reason);
+        tracing::info!(from, to = %to.backend.id, reason, session, "session failed over");
     }
 }
 
@@ -183,7 +232,7 @@ fn is_idempotent(m: &Method) -> bool {
 fn upstream_request(
     parts: &Parts,
     member: &Member,
-    from: Option<&Member>,
+    from: Option<&str>,
     body: UpstreamBody,
 ) -> Request<UpstreamBody> {
     let mut uri = http::uri::Parts::default();
@@ -204,7 +253,7 @@ fn upstream_request(
     *req.headers_mut() = parts.headers.clone();
     if let Some(old) = from {
         // Ids are validated as header-safe characters.
-        if let Ok(v) = HeaderValue::from_str(&old.backend.id) {
+        if let Ok(v) = HeaderValue::from_str(old) {
             req.headers_mut().insert(FAILOVER, v);
         }
     }
@@ -222,9 +271,4 @@ fn respond(
         parts.headers.append(SET_COOKIE, member.set_cookie.clone());
     }
     Response::from_parts(parts, ProxyBody::Upstream(body, guard))
-}
-
-fn log_failover(from: Option<&Member>, to: &Member, reason: &'static str) {
-    let Some(old) = from else { return };
-    tracing::info!(from = %old.backend.id, to = %to.backend.id, reason, "session failed over");
 }

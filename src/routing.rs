@@ -20,11 +20,27 @@ pub struct Member {
     pub set_cookie: HeaderValue,
 }
 
+/// Bound on remembered pins of removed backends.
+const MAX_RETIRED: usize = 256;
+
+/// What a request's affinity cookie points at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pin {
+    None,
+    Member(usize),
+    /// A backend a reload removed: its clients fail over like those of a dead backend.
+    Retired(String),
+}
+
 #[derive(Debug)]
 pub struct Routing {
     pub members: Vec<Member>,
     /// Affinity cookie value -> index in `members`.
     pins: HashMap<String, usize>,
+    /// Affinity cookie value -> id, for backends removed by recent reloads.
+    retired: HashMap<String, String>,
+    /// Keys the short session tags in failover audit events.
+    pub audit_key: Vec<u8>,
     pub cookie_name: String,
     policy: Box<dyn Policy>,
     pub attempts: usize,
@@ -75,9 +91,12 @@ impl Routing {
             Algorithm::LeastConnections => Box::new(LeastConnections::new(&weights)),
         };
         let secs = cfg.health.interval.as_millis().div_ceil(1000).max(1);
+        let retired = previous.map(|p| p.retired_after(cfg)).unwrap_or_default();
         Self {
             members,
             pins,
+            retired,
+            audit_key: cfg.affinity.secret.clone(),
             cookie_name: cfg.affinity.cookie.clone(),
             policy,
             attempts: 1 + cfg.balancer.retries as usize,
@@ -90,26 +109,50 @@ impl Routing {
         self.members.iter().map(|m| &m.backend).find(|b| b.id == id)
     }
 
-    /// The backend pinned by the first affinity value this snapshot issued; values it did not
-    /// issue (garbage, forged, a removed backend) are ignored.
-    pub fn pinned(&self, values: &[String]) -> Option<usize> {
-        values.iter().find_map(|v| self.pins.get(v).copied())
+    /// Pins of backends that `next` no longer has: this snapshot's retired ones and its own.
+    fn retired_after(&self, next: &Config) -> HashMap<String, String> {
+        let kept = |id: &str| next.backends.iter().any(|b| b.id == id);
+        let own = self
+            .pins
+            .iter()
+            .map(|(token, &i)| (token, &self.members[i].backend.id));
+        own.chain(self.retired.iter())
+            .filter(|(_, id)| !kept(id))
+            .take(MAX_RETIRED)
+            .map(|(token, id)| (token.clone(), id.clone()))
+            .collect()
     }
 
-    /// Backends to try, best first: the pinned one if it is up, then the policy's order among the
-    /// other up backends, at most `attempts` in all.
-    pub fn candidates(&self, pinned: Option<usize>) -> Vec<usize> {
-        let mut out = Vec::with_capacity(self.attempts);
-        if let Some(p) = pinned.filter(|&p| self.members[p].backend.is_up()) {
-            out.push(p);
+    /// The pin named by the first affinity value this proxy issued; values it did not issue
+    /// (garbage, forged, signed with another key) are ignored.
+    pub fn pin(&self, values: &[String]) -> Pin {
+        for v in values {
+            if let Some(&i) = self.pins.get(v) {
+                return Pin::Member(i);
+            }
+            if let Some(id) = self.retired.get(v) {
+                return Pin::Retired(id.clone());
+            }
         }
-        let up = |i: usize| self.members[i].backend.is_up();
+        Pin::None
+    }
+
+    /// Backends to try, best first: the pinned one if it may serve its clients, then the
+    /// policy's order among backends taking new sessions, at most `attempts` in all.
+    pub fn candidates(&self, pin: &Pin) -> Vec<usize> {
+        let mut out = Vec::with_capacity(self.attempts);
+        if let Pin::Member(p) = *pin {
+            if self.members[p].backend.takes_pinned() {
+                out.push(p);
+            }
+        }
+        let eligible = |i: usize| self.members[i].backend.takes_new();
         self.policy
-            .rank(&self.members, &up, &mut out, self.attempts);
+            .rank(&self.members, &eligible, &mut out, self.attempts);
         out
     }
 
-    pub fn any_up(&self) -> bool {
-        self.members.iter().any(|m| m.backend.is_up())
+    pub fn any_takes_new(&self) -> bool {
+        self.members.iter().any(|m| m.backend.takes_new())
     }
 }

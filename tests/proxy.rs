@@ -6,26 +6,11 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{config, eventually, Clientele, Proxy, Upstream};
+use common::{config, eventually, jar, pin_to, Clientele, Proxy, Upstream};
 
 const QUIET_HEALTH: &str = "[health]\ninterval = \"1h\"\n";
 const FAST_HEALTH: &str =
     "[health]\ninterval = \"20ms\"\ntimeout = \"200ms\"\nrise = 2\nfall = 2\n";
-
-fn jar(pin: &str) -> String {
-    format!("stickylb={pin}")
-}
-
-/// Opens new sessions until one is pinned to `id`; returns that pin.
-async fn pin_to(client: &Clientele, id: &str) -> String {
-    for _ in 0..100 {
-        let r = client.get("/", None).await;
-        if r.served_by() == id {
-            return r.pin().unwrap();
-        }
-    }
-    panic!("no new session was pinned to {id}");
-}
 
 #[tokio::test]
 async fn a_pinned_client_always_reaches_the_same_backend() {
@@ -300,12 +285,12 @@ async fn one_bad_heartbeat_is_not_enough_with_fall_two() {
     let a = Upstream::start("a").await;
     let cfg = Config::parse(&config(&[&a], FAST_HEALTH), std::path::Path::new("t"), None).unwrap();
     let backend = stickylb::backend::Backend::new(&cfg.backends[0], &cfg.health);
-    backend.record_heartbeat(Err("boom".into()));
+    backend.record_heartbeat(Err("boom".into()), Duration::ZERO);
     assert!(backend.is_up());
-    backend.record_heartbeat(Ok(()));
-    backend.record_heartbeat(Err("boom".into()));
+    backend.record_heartbeat(Ok(()), Duration::ZERO);
+    backend.record_heartbeat(Err("boom".into()), Duration::ZERO);
     assert!(backend.is_up());
-    backend.record_heartbeat(Err("boom".into()));
+    backend.record_heartbeat(Err("boom".into()), Duration::ZERO);
     assert!(!backend.is_up());
 }
 

@@ -181,6 +181,8 @@ async fn handle(
 /// A stickylb instance serving on its own port-0 listener.
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// The admin listener's address, when started with one.
+    pub admin: Option<SocketAddr>,
     pub lb: Stickylb,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
@@ -190,18 +192,33 @@ impl Proxy {
     pub async fn start(toml: &str) -> Self {
         let config =
             Config::parse(toml, Path::new("test.toml"), None).expect("test config is valid");
+        Self::launch(config, false).await
+    }
+
+    /// Starts from a real file (so reloads re-read it), with an admin listener.
+    pub async fn start_file(path: &Path) -> Self {
+        let config = Config::load(path, None).expect("test config is valid");
+        Self::launch(config, true).await
+    }
+
+    async fn launch(config: Config, with_admin: bool) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let admin_listener = match with_admin {
+            true => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            false => None,
+        };
+        let admin = admin_listener.as_ref().map(|l| l.local_addr().unwrap());
         let lb = Stickylb::new(config);
         let (stop, stopped) = oneshot::channel::<()>();
         let server = lb.clone();
         let task = tokio::spawn(async move {
-            server
-                .serve(listener, async move { drop(stopped.await) })
-                .await;
+            let shutdown = async move { drop(stopped.await) };
+            server.serve(listener, admin_listener, shutdown).await;
         });
         Self {
             addr,
+            admin,
             lb,
             stop: Some(stop),
             task,
@@ -340,4 +357,20 @@ pub async fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> b
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// The `Cookie` header that presents an affinity pin.
+pub fn jar(pin: &str) -> String {
+    format!("stickylb={pin}")
+}
+
+/// Opens new sessions until one is pinned to `id`; returns that pin.
+pub async fn pin_to(client: &Clientele, id: &str) -> String {
+    for _ in 0..100 {
+        let r = client.get("/", None).await;
+        if r.served_by() == id {
+            return r.pin().unwrap();
+        }
+    }
+    panic!("no new session was pinned to {id}");
 }

@@ -1,0 +1,170 @@
+//! Prometheus metrics, encoded by `prometheus-client`. Counters are updated on the request path;
+//! gauges that mirror backend state are refreshed at scrape time.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::routing::Routing;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub backend: String,
+    pub class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub backend: String,
+}
+
+type Histograms = Family<BackendLabels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 16)) // 250us .. ~8s
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    affinity: Family<OutcomeLabels, Counter>,
+    failovers: Family<ReasonLabels, Counter>,
+    backend_up: Family<BackendLabels, Gauge>,
+    active: Family<BackendLabels, Gauge>,
+    heartbeat_latency: Histograms,
+    upstream_latency: Histograms,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut m = Self {
+            registry: Registry::with_prefix("stickylb"),
+            requests: Family::default(),
+            affinity: Family::default(),
+            failovers: Family::default(),
+            backend_up: Family::default(),
+            active: Family::default(),
+            heartbeat_latency: Family::new_with_constructor(latency_histogram),
+            upstream_latency: Family::new_with_constructor(latency_histogram),
+        };
+        let r = &mut m.registry;
+        r.register(
+            "requests",
+            "Proxied requests by backend and status class",
+            m.requests.clone(),
+        );
+        r.register(
+            "affinity",
+            "Affinity outcomes: new, hit, failover",
+            m.affinity.clone(),
+        );
+        r.register("failovers", "Broken pins by reason", m.failovers.clone());
+        r.register(
+            "backend_up",
+            "1 when the backend takes traffic by health",
+            m.backend_up.clone(),
+        );
+        r.register(
+            "active_requests",
+            "In-flight requests per backend",
+            m.active.clone(),
+        );
+        let hb = m.heartbeat_latency.clone();
+        r.register("heartbeat_latency_seconds", "Heartbeat round trip", hb);
+        let up = m.upstream_latency.clone();
+        r.register(
+            "upstream_latency_seconds",
+            "Time to the upstream response head",
+            up,
+        );
+        m
+    }
+}
+
+fn class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+impl Metrics {
+    pub fn request(&self, backend: &str, status: u16, affinity: &'static str) {
+        let labels = RequestLabels {
+            backend: backend.to_string(),
+            class: class(status),
+        };
+        self.requests.get_or_create(&labels).inc();
+        self.affinity
+            .get_or_create(&OutcomeLabels { outcome: affinity })
+            .inc();
+    }
+
+    pub fn upstream_latency(&self, backend: &str, took: Duration) {
+        let labels = BackendLabels {
+            backend: backend.to_string(),
+        };
+        self.upstream_latency
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn heartbeat_latency(&self, backend: &str, took: Duration) {
+        let labels = BackendLabels {
+            backend: backend.to_string(),
+        };
+        self.heartbeat_latency
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn failover(&self, reason: &'static str) {
+        self.failovers.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// The text exposition, with backend gauges taken from the current snapshot.
+    pub fn encode(&self, routing: &Routing) -> String {
+        self.backend_up.clear();
+        self.active.clear();
+        for m in &routing.members {
+            let labels = BackendLabels {
+                backend: m.backend.id.clone(),
+            };
+            self.backend_up
+                .get_or_create(&labels)
+                .set(i64::from(m.backend.is_up()));
+            let active = i64::try_from(m.backend.active()).unwrap_or(i64::MAX);
+            self.active.get_or_create(&labels).set(active);
+        }
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
