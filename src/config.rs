@@ -77,6 +77,8 @@ pub struct Config {
     pub backends: Vec<BackendConfig>,
     /// The admin listener; absent means none.
     pub admin: Option<AdminConfig>,
+    /// Runtime worker threads; None means one per core.
+    pub workers: Option<usize>,
 }
 
 #[derive(Clone)]
@@ -174,6 +176,14 @@ mod raw {
         #[serde(default)]
         pub backends: Vec<Backend>,
         pub admin: Option<Admin>,
+        #[serde(default)]
+        pub runtime: Runtime,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Runtime {
+        pub workers: Option<Spanned<usize>>,
     }
 
     #[derive(Deserialize)]
@@ -367,6 +377,7 @@ fn validate(
         address: socket_addr(&raw.listener.address, "listener.address", ctx)?,
     };
     let admin = raw.admin.map(|a| admin(a, ctx)).transpose()?;
+    let workers = raw.runtime.workers.map(|w| workers(&w, ctx)).transpose()?;
     let affinity = affinity(raw.affinity, ctx, env_secret)?;
     let health = health(raw.health, ctx)?;
     let retries = *raw.balancer.retries.get_ref();
@@ -382,6 +393,7 @@ fn validate(
     Ok(Config {
         file: ctx.file.to_path_buf(),
         admin,
+        workers,
         listener,
         affinity,
         balancer: BalancerConfig {
@@ -402,6 +414,17 @@ fn socket_addr(value: &Spanned<String>, key: &str, ctx: &Ctx) -> Result<SocketAd
         );
         ctx.error(value.span(), key, msg)
     })
+}
+
+fn workers(value: &Spanned<usize>, ctx: &Ctx) -> Result<usize, ConfigError> {
+    match *value.get_ref() {
+        n @ 1..=1024 => Ok(n),
+        n => Err(ctx.error(
+            value.span(),
+            "runtime.workers",
+            format!("{n} is out of range: valid values are 1 to 1024"),
+        )),
+    }
 }
 
 fn admin(raw: raw::Admin, ctx: &Ctx) -> Result<AdminConfig, ConfigError> {
@@ -730,6 +753,21 @@ weight = 3
             "{e}"
         );
         assert!(e.message.contains("`lax`, `strict`, `none`"), "{e}");
+    }
+
+    #[test]
+    fn workers_are_bounded() {
+        assert_eq!(
+            parse(&format!("{GOOD}\n[runtime]\nworkers = 1\n"))
+                .expect("valid")
+                .workers,
+            Some(1)
+        );
+        assert_eq!(parse(GOOD).expect("valid").workers, None);
+        assert_eq!(
+            err(&format!("{GOOD}\n[runtime]\nworkers = 0\n")).key,
+            "runtime.workers"
+        );
     }
 
     #[test]

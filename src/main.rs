@@ -17,6 +17,9 @@ struct Cli {
     /// Configuration file.
     #[arg(long, short, global = true, default_value = "config.toml")]
     config: PathBuf,
+    /// Worker threads, overriding `[runtime] workers` (default: one per core).
+    #[arg(long, global = true, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    workers: Option<u16>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -37,7 +40,10 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match Config::load(&cli.config, std::env::var(SECRET_ENV).ok()) {
-        Ok(c) => c,
+        Ok(c) => Config {
+            workers: cli.workers.map(usize::from).or(c.workers),
+            ..c
+        },
         Err(e) => {
             eprintln!("error: invalid configuration: {e}");
             return ExitCode::from(2);
@@ -74,10 +80,17 @@ fn demo(config: Config, replication: &str) -> ExitCode {
 
 fn run(config: Config) -> ExitCode {
     init_tracing();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // One worker runs everything on one thread, without cross-thread wake-ups.
+    let mut builder = match config.workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# bench/run.sh: stickylb against HAProxy and nginx, side by side, on loopback.
+#
+# Two nginx upstreams (A, B); each proxy in front of them with a sticky cookie pinned to A, one
+# worker thread, no access log; wrk with keep-alive and that cookie. Rounds are interleaved
+# (every target once per round), and the table gives medians and the median of per-round ratios
+# against HAProxy. Compare within one run only: the machine is shared and noisy.
+#
+#   bench/run.sh            # ROUNDS=5 DUR=10 CONNS=50 LOAD_CPU=0 PROXY_CPU=1 BASE_PORT=28080
+#
+# Needs: apt-get install haproxy nginx wrk (and util-linux's taskset, curl).
+set -euo pipefail
+unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY ALL_PROXY all_proxy
+ROUNDS=${ROUNDS:-5} DUR=${DUR:-10} CONNS=${CONNS:-50}
+LOAD_CPU=${LOAD_CPU:-0} PROXY_CPU=${PROXY_CPU:-1} BP=${BASE_PORT:-28080}
+P_A=$((BP + 1)) P_B=$((BP + 2)) P_HAPROXY=$((BP + 10)) P_NGINX=$((BP + 11)) P_OURS=$((BP + 12))
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+W=$(mktemp -d /tmp/stickylb-bench.XXXXXX)
+PIDS=()
+
+die() { echo "bench: $*" >&2; exit 1; }
+for tool in haproxy nginx wrk taskset curl; do
+    command -v "$tool" >/dev/null || die "$tool is missing: apt-get install haproxy nginx wrk"
+done
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+wait_port() {
+    for _ in $(seq 200); do curl -s -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.05; done
+    die "nothing answers on port $1 (logs in $W)"
+}
+
+nginx_run() {   # name port http-block
+    local d=$W/$1; mkdir -p "$d/tmp"
+    cat >"$d/nginx.conf" <<CONF
+worker_processes 1; pid $d/nginx.pid; error_log $d/error.log warn;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  client_body_temp_path $d/tmp; proxy_temp_path $d/tmp; fastcgi_temp_path $d/tmp; uwsgi_temp_path $d/tmp; scgi_temp_path $d/tmp;
+  $3 }
+CONF
+    taskset -c "$PROXY_CPU" nginx -p "$d" -e "$d/error.log" -c "$d/nginx.conf" -g 'daemon off;' &
+    PIDS+=($!); wait_port "$2"
+}
+
+start() {
+    for up in A:$P_A B:$P_B; do
+        nginx_run "up-${up%%:*}" "${up##*:}" "server { listen 127.0.0.1:${up##*:}; default_type text/plain;
+          location / { return 200 \"${up%%:*}\n\"; } }"
+    done
+    cat >"$W/haproxy.cfg" <<CONF
+global
+  nbthread 1
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 30s
+  timeout server 30s
+frontend fe
+  bind 127.0.0.1:$P_HAPROXY
+  default_backend be
+backend be
+  balance roundrobin
+  cookie SRV insert indirect nocache
+  option httpchk GET /healthz
+  http-reuse always
+  default-server check inter 1s fall 3 rise 2
+  server A 127.0.0.1:$P_A cookie A
+  server B 127.0.0.1:$P_B cookie B
+CONF
+    taskset -c "$PROXY_CPU" haproxy -db -f "$W/haproxy.cfg" >"$W/haproxy.log" 2>&1 &
+    PIDS+=($!); wait_port "$P_HAPROXY"
+    # OSS nginx has no sticky cookie: a consistent hash on the cookie is its closest equivalent.
+    nginx_run px-nginx "$P_NGINX" "upstream ups { hash \$cookie_SRV consistent;
+        server 127.0.0.1:$P_A; server 127.0.0.1:$P_B; keepalive 64; keepalive_requests 1000000; }
+      server { listen 127.0.0.1:$P_NGINX; location / { proxy_pass http://ups; proxy_http_version 1.1;
+        proxy_set_header Connection \"\"; } }"
+    cat >"$W/stickylb.toml" <<CONF
+[runtime]
+workers = 1
+[listener]
+address = "127.0.0.1:$P_OURS"
+[affinity]
+secret = "bench-secret-0123456789"
+[health]
+interval = "1s"
+[[backends]]
+id = "A"
+address = "127.0.0.1:$P_A"
+[[backends]]
+id = "B"
+address = "127.0.0.1:$P_B"
+CONF
+    RUST_LOG=warn taskset -c "$PROXY_CPU" "$ROOT/target/release/stickylb" -c "$W/stickylb.toml" >"$W/stickylb.log" 2>&1 &
+    PIDS+=($!); wait_port "$P_OURS"
+}
+
+cookie_for() {   # port name -> "name=value" from a response served by A
+    local hdr
+    for _ in $(seq 40); do
+        hdr=$(curl -s -D - -o "$W/body" "http://127.0.0.1:$1/" | tr -d '\r')
+        if [[ $(<"$W/body") == A ]]; then
+            grep -i "^set-cookie: *$2=" <<<"$hdr" | head -1 | sed -E 's/^[^:]*: *([^;]*).*/\1/'; return 0
+        fi
+    done
+    die "no cookie for A on port $1"
+}
+nginx_cookie() { for i in $(seq 50); do [[ $(curl -s -H "Cookie: SRV=s$i" "http://127.0.0.1:$P_NGINX/") == A ]] && { echo "SRV=s$i"; return 0; }; done; die "nginx: no key maps to A"; }
+sticky() {   # port cookie: all 20 answers from A?
+    [[ $(for _ in $(seq 20); do curl -s -H "Cookie: $2" "http://127.0.0.1:$1/"; done | sort -u) == A ]]
+}
+
+bench() {   # label port cookie -> "rps p99_ms" appended to results
+    local out rps p99
+    out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DUR}s" --latency -H "Cookie: $3" "http://127.0.0.1:$2/")
+    rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
+    p99=$(awk '$1 == "99%" { v = $2; if (v ~ /us$/) v = v / 1000; else if (v ~ /ms$/) v = v + 0; else if (v ~ /s$/) v = v * 1000; print v }' <<<"$out")
+    grep -q "Non-2xx\|Socket errors" <<<"$out" && echo "bench: $1 reported errors: $(grep -E 'Non-2xx|Socket errors' <<<"$out")" >&2
+    printf '%s\t%s\t%s\t%s\n' "$ROUND" "$1" "$rps" "$p99" >>"$W/results.tsv"
+}
+
+cd "$ROOT" && cargo build --release -q -p stickylb
+start
+declare -A CK=([haproxy]=$(cookie_for "$P_HAPROXY" SRV) [nginx]=$(nginx_cookie) [stickylb]=$(cookie_for "$P_OURS" stickylb))
+declare -A PORT=([haproxy]=$P_HAPROXY [nginx]=$P_NGINX [stickylb]=$P_OURS)
+for t in haproxy nginx stickylb; do sticky "${PORT[$t]}" "${CK[$t]}" || die "$t is not sticky with ${CK[$t]}"; done
+sleep 2   # let the health checks of every proxy settle before measuring
+for ROUND in $(seq "$ROUNDS"); do
+    for t in haproxy nginx stickylb; do bench "$t" "${PORT[$t]}" "${CK[$t]}"; done
+    echo "round $ROUND/$ROUNDS done" >&2
+done
+
+python3 - "$W/results.tsv" "$ROUNDS" "$DUR" "$CONNS" <<'PY'
+import statistics, sys
+rows = [l.split('\t') for l in open(sys.argv[1]).read().split('\n') if l]
+by = {}
+for r, t, rps, p99 in rows:
+    by.setdefault(t, {})[int(r)] = (float(rps), float(p99))
+print(f"\n{sys.argv[2]} interleaved rounds x {sys.argv[3]} s, wrk -t1 -c{sys.argv[4]}, keep-alive, sticky cookie to upstream A, one proxy thread\n")
+print("| proxy | requests/s (median) | p99 ms (median) | rps ratio vs HAProxy | p99 ratio vs HAProxy |")
+print("|---|---|---|---|---|")
+for t in ["haproxy", "nginx", "stickylb"]:
+    rps = statistics.median(v[0] for v in by[t].values())
+    p99 = statistics.median(v[1] for v in by[t].values())
+    rr = statistics.median(by[t][r][0] / by["haproxy"][r][0] for r in by[t])
+    pr = statistics.median(by[t][r][1] / by["haproxy"][r][1] for r in by[t])
+    print(f"| {t} | {rps:,.0f} | {p99:.2f} | {rr:.2f}x | {pr:.2f}x |")
+PY
