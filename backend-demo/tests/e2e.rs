@@ -207,6 +207,27 @@ async fn async_mode_measures_lost_writes_redis() {
     async_reports_losses("redis").await;
 }
 
+/// A client that kept its old pin reaches node a again after the session moved on elsewhere:
+/// a must read the newest state (`newest` visits), not its cache, and write on top of it.
+async fn stale_client_gets_fresh_state(proxy: &Proxy, stale_jar: cluster::Jar, newest: u64) {
+    let mut old = Browser {
+        client: common::Clientele::new(proxy.addr),
+        jar: stale_jar,
+    };
+    let read = session(&old.send("GET", "/session").await);
+    assert_eq!(
+        (read.node.as_str(), read.visits),
+        ("a", newest),
+        "a served a stale copy"
+    );
+    let s = session(&old.send("POST", "/visit").await);
+    assert_eq!(
+        (s.node.as_str(), s.visits),
+        ("a", newest + 1),
+        "a wrote over newer state"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_held_down_never_serves_its_stale_copy() {
     let (args, _) = store("sqlite", "held-down").await.unwrap();
@@ -241,23 +262,7 @@ async fn a_node_held_down_never_serves_its_stale_copy() {
     );
     wait_up(&proxy, "a").await;
 
-    // A client that kept the old pin reaches a again: a must not answer from its cache.
-    let mut old = Browser {
-        client: common::Clientele::new(proxy.addr),
-        jar: stale_jar,
-    };
-    let read = session(&old.send("GET", "/session").await);
-    assert_eq!(
-        (read.node.as_str(), read.visits),
-        ("a", 4),
-        "a served a stale copy"
-    );
-    let s = session(&old.send("POST", "/visit").await);
-    assert_eq!(
-        (s.node.as_str(), s.visits),
-        ("a", 5),
-        "a wrote over newer state"
-    );
+    stale_client_gets_fresh_state(&proxy, stale_jar, 4).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -279,22 +284,7 @@ async fn a_hung_node_resuming_never_serves_its_stale_copy() {
     }
     nodes[0].signal("CONT");
     wait_up(&proxy, "a").await;
-    let mut old = Browser {
-        client: common::Clientele::new(proxy.addr),
-        jar: stale_jar,
-    };
-    let read = session(&old.send("GET", "/session").await);
-    assert_eq!(
-        (read.node.as_str(), read.visits),
-        ("a", 3),
-        "a served a stale copy after resuming"
-    );
-    let s = session(&old.send("POST", "/visit").await);
-    assert_eq!(
-        (s.node.as_str(), s.visits),
-        ("a", 4),
-        "a wrote over newer state"
-    );
+    stale_client_gets_fresh_state(&proxy, stale_jar, 3).await;
 }
 
 async fn concurrent_writers(kind: &str) {
