@@ -79,6 +79,15 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// Runtime worker threads; None means one per core.
     pub workers: Option<usize>,
+    pub limits: LimitConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct LimitConfig {
+    /// Open client connections; beyond it, stickylb stops accepting until one closes.
+    pub max_connections: usize,
+    /// Largest request head (request line and headers); larger heads get 431.
+    pub max_header_bytes: usize,
 }
 
 #[derive(Clone)]
@@ -178,6 +187,24 @@ mod raw {
         pub admin: Option<Admin>,
         #[serde(default)]
         pub runtime: Runtime,
+        #[serde(default)]
+        pub limits: Limits,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Limits {
+        pub max_connections: Spanned<usize>,
+        pub max_header_bytes: Spanned<usize>,
+    }
+
+    impl Default for Limits {
+        fn default() -> Self {
+            Self {
+                max_connections: Spanned::new(0..0, 10_000),
+                max_header_bytes: Spanned::new(0..0, 64 * 1024),
+            }
+        }
     }
 
     #[derive(Deserialize, Default)]
@@ -378,6 +405,22 @@ fn validate(
     };
     let admin = raw.admin.map(|a| admin(a, ctx)).transpose()?;
     let workers = raw.runtime.workers.map(|w| workers(&w, ctx)).transpose()?;
+    let limits = LimitConfig {
+        max_connections: bounded(
+            &raw.limits.max_connections,
+            "limits.max_connections",
+            1,
+            1_000_000,
+            ctx,
+        )?,
+        max_header_bytes: bounded(
+            &raw.limits.max_header_bytes,
+            "limits.max_header_bytes",
+            8192,
+            1 << 20,
+            ctx,
+        )?,
+    };
     let affinity = affinity(raw.affinity, ctx, env_secret)?;
     let health = health(raw.health, ctx)?;
     let retries = *raw.balancer.retries.get_ref();
@@ -394,6 +437,7 @@ fn validate(
         file: ctx.file.to_path_buf(),
         admin,
         workers,
+        limits,
         listener,
         affinity,
         balancer: BalancerConfig {
@@ -417,12 +461,22 @@ fn socket_addr(value: &Spanned<String>, key: &str, ctx: &Ctx) -> Result<SocketAd
 }
 
 fn workers(value: &Spanned<usize>, ctx: &Ctx) -> Result<usize, ConfigError> {
+    bounded(value, "runtime.workers", 1, 1024, ctx)
+}
+
+fn bounded(
+    value: &Spanned<usize>,
+    key: &str,
+    min: usize,
+    max: usize,
+    ctx: &Ctx,
+) -> Result<usize, ConfigError> {
     match *value.get_ref() {
-        n @ 1..=1024 => Ok(n),
+        n if (min..=max).contains(&n) => Ok(n),
         n => Err(ctx.error(
             value.span(),
-            "runtime.workers",
-            format!("{n} is out of range: valid values are 1 to 1024"),
+            key,
+            format!("{n} is out of range: valid values are {min} to {max}"),
         )),
     }
 }
@@ -753,6 +807,22 @@ weight = 3
             "{e}"
         );
         assert!(e.message.contains("`lax`, `strict`, `none`"), "{e}");
+    }
+
+    #[test]
+    fn limits_have_defaults_and_bounds() {
+        let c = parse(GOOD).expect("valid");
+        assert_eq!(
+            (c.limits.max_connections, c.limits.max_header_bytes),
+            (10_000, 65_536)
+        );
+        let e = err(&format!("{GOOD}\n[limits]\nmax_header_bytes = 100\n"));
+        assert_eq!(e.key, "limits.max_header_bytes");
+        assert!(e.message.contains("8192 to 1048576"), "{e}");
+        assert_eq!(
+            err(&format!("{GOOD}\n[limits]\nmax_connections = 0\n")).key,
+            "limits.max_connections"
+        );
     }
 
     #[test]

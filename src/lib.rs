@@ -117,6 +117,8 @@ impl Stickylb {
         let settings = server::ServerSettings {
             client_header_timeout: self.config.timeouts.client_header,
             shutdown_grace: self.config.timeouts.shutdown_grace,
+            max_connections: self.config.limits.max_connections,
+            max_header_bytes: self.config.limits.max_header_bytes,
         };
         server::serve(listener, proxy, settings, shutdown).await;
         watcher.abort();

@@ -21,6 +21,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 pub struct ServerSettings {
     pub client_header_timeout: Duration,
     pub shutdown_grace: Duration,
+    pub max_connections: usize,
+    pub max_header_bytes: usize,
 }
 
 pub async fn serve(
@@ -33,12 +35,23 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(settings.client_header_timeout);
+        .header_read_timeout(settings.client_header_timeout)
+        .max_buf_size(settings.max_header_bytes);
     builder.http2().timer(TokioTimer::new());
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
+    // Back-pressure: at the connection limit, stop accepting until a connection closes; new
+    // clients wait in the kernel's backlog instead of being refused or crashing anything.
+    let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
     loop {
+        let slot = tokio::select! {
+            permit = Arc::clone(&slots).acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break, // the semaphore is never closed
+            },
+            () = &mut shutdown => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
@@ -65,6 +78,7 @@ pub async fn serve(
             if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
             }
+            drop(slot);
         });
     }
     drop(listener);

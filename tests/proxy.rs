@@ -468,3 +468,67 @@ async fn large_bodies_stream_through_intact() {
         "the body arrived byte for byte"
     );
 }
+
+async fn raw_request(addr: std::net::SocketAddr, head: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test]
+async fn an_oversized_request_head_gets_431_and_is_never_forwarded() {
+    let a = Upstream::start("a").await;
+    let proxy = Proxy::start(&config(
+        &[&a],
+        &format!("{QUIET_HEALTH}[limits]\nmax_header_bytes = 16384\n"),
+    ))
+    .await;
+    let big = "x".repeat(20_000);
+    let reply = raw_request(
+        proxy.addr,
+        &format!("GET / HTTP/1.1\r\nHost: app.test\r\nX-Big: {big}\r\n\r\n"),
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 431"), "{reply}");
+    assert_eq!(a.hits(), 0, "nothing reached the backend");
+    let fits = "y".repeat(10_000);
+    let reply = raw_request(
+        proxy.addr,
+        &format!("GET / HTTP/1.1\r\nHost: app.test\r\nX-Fits: {fits}\r\n\r\n"),
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+}
+
+#[tokio::test]
+async fn at_the_connection_limit_new_clients_wait_instead_of_failing() {
+    let a = Upstream::start("a").await;
+    let proxy = Proxy::start(&config(
+        &[&a],
+        &format!("{QUIET_HEALTH}[limits]\nmax_connections = 2\n"),
+    ))
+    .await;
+    let idle_one = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let _idle_two = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let client = Clientele::new(proxy.addr);
+    let waiting = tokio::spawn(async move { client.get("/", None).await });
+    // A negative check needs a bound: the third client must not be served while both slots are taken.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a third connection was served beyond the limit"
+    );
+    assert_eq!(a.hits(), 0);
+    drop(idle_one);
+    let r = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("served once a slot frees")
+        .unwrap();
+    assert_eq!(r.status, 200);
+}
