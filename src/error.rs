@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use http::header::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{CACHE_CONTROL, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Response, StatusCode};
 
 use crate::body::ProxyBody;
@@ -16,6 +16,8 @@ pub enum ProxyError {
     Upstream(#[source] hyper_util::client::legacy::Error),
     #[error("upstream did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("request refused: {0}")]
+    Refused(#[from] crate::validate::Rejection),
 }
 
 impl ProxyError {
@@ -24,15 +26,20 @@ impl ProxyError {
             Self::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Refused(crate::validate::Rejection::Connect) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Refused(_) => StatusCode::BAD_REQUEST,
         }
     }
 
     pub fn into_response(self, retry_after: &HeaderValue) -> Response<ProxyBody> {
         let status = self.status();
+        let refused = matches!(self, Self::Refused(_));
         let text = match self {
             Self::NoBackend => "503 Service Unavailable: no backend is available\n",
             Self::Upstream(_) => "502 Bad Gateway: the upstream server failed\n",
             Self::Timeout(_) => "504 Gateway Timeout: the upstream server did not answer in time\n",
+            Self::Refused(crate::validate::Rejection::Connect) => "405 Method Not Allowed\n",
+            Self::Refused(_) => "400 Bad Request\n",
         };
         let mut resp = Response::new(ProxyBody::local(text));
         *resp.status_mut() = status;
@@ -42,6 +49,10 @@ impl ProxyError {
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
         headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if refused {
+            // The framing of what follows on this connection cannot be trusted: end it.
+            headers.insert(CONNECTION, HeaderValue::from_static("close"));
+        }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(RETRY_AFTER, retry_after.clone());
         }

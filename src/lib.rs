@@ -11,6 +11,7 @@
 //! - [`heartbeat`]: probe tasks that feed the health machine.
 //! - [`proxy`]: the forwarding loop: candidates in order, bounded attempts, re-pin on failover.
 //! - [`headers`]: hop-by-hop removal and `X-Forwarded-*`.
+//! - [`validate`]: refuses ambiguous or hostile requests before anything is forwarded.
 //! - [`body`]: streaming request/response bodies, replayable until first read.
 //! - [`error`]: the one mapping from failures to 502/503/504.
 //! - [`server`]: accept loop, HTTP/1.1 + h2c, graceful shutdown.
@@ -35,6 +36,7 @@ pub mod proxy;
 pub mod reload;
 pub mod routing;
 pub mod server;
+pub mod validate;
 
 use std::future::Future;
 use std::sync::Arc;

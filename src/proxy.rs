@@ -137,6 +137,7 @@ impl Proxy {
         ex: &mut Exchange,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
+        crate::validate::check(&parts)?;
         let pin = routing.pin(&affinity::take(&mut parts.headers, &routing.cookie_name));
         headers::prepare_request(&mut parts, peer.ip());
         let body = Replayable::new(body);

@@ -289,6 +289,8 @@ impl Reply {
 pub struct Clientele {
     client: Client<HttpConnector, Full<Bytes>>,
     pub proxy: SocketAddr,
+    /// The Host header sent; None for HTTP/2, where `:authority` carries it.
+    host: Option<&'static str>,
 }
 
 impl Clientele {
@@ -296,6 +298,7 @@ impl Clientele {
         Self {
             client: Client::builder(TokioExecutor::new()).build_http(),
             proxy,
+            host: Some("app.test"),
         }
     }
 
@@ -306,6 +309,7 @@ impl Clientele {
                 .http2_only(true)
                 .build_http(),
             proxy,
+            host: None,
         }
     }
 
@@ -323,8 +327,10 @@ impl Clientele {
     ) -> Reply {
         let mut req = Request::builder()
             .method(method)
-            .uri(format!("http://{}{}", self.proxy, path))
-            .header("host", "app.test");
+            .uri(format!("http://{}{}", self.proxy, path));
+        if let Some(host) = self.host {
+            req = req.header("host", host);
+        }
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
