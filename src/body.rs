@@ -21,20 +21,32 @@ pub struct UpstreamBody {
     slot: Option<Slot>,
     taken: Option<Incoming>,
     hint: SizeHint,
+    limit: Option<u64>,
+    sent: u64,
 }
+
+/// The request body grew past `limits.max_body_bytes` while streaming.
+#[derive(Debug, thiserror::Error)]
+#[error("request body exceeds limits.max_body_bytes")]
+pub struct BodyTooLarge;
+
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Owns a client's request body across attempts.
 #[derive(Debug)]
 pub struct Replayable {
     slot: Option<Slot>,
     hint: SizeHint,
+    limit: Option<u64>,
 }
 
 impl Replayable {
-    pub fn new(body: Incoming) -> Self {
+    /// `limit` bounds the bytes streamed upstream; beyond it the attempt fails with
+    /// [`BodyTooLarge`].
+    pub fn new(body: Incoming, limit: Option<u64>) -> Self {
         let hint = body.size_hint();
         let slot = (!body.is_end_stream()).then(|| Arc::new(Mutex::new(Some(body))));
-        Self { slot, hint }
+        Self { slot, hint, limit }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -47,6 +59,8 @@ impl Replayable {
             slot: self.slot.clone(),
             taken: None,
             hint: self.hint,
+            limit: self.limit,
+            sent: 0,
         }
     }
 
@@ -64,28 +78,40 @@ impl UpstreamBody {
             slot: None,
             taken: None,
             hint: SizeHint::with_exact(0),
+            limit: None,
+            sent: 0,
         }
     }
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         if self.taken.is_none() {
             let Some(slot) = self.slot.take() else {
                 return Poll::Ready(None);
             };
             self.taken = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
         }
-        match self.taken.as_mut() {
-            Some(body) => Pin::new(body).poll_frame(cx),
-            None => Poll::Ready(None),
+        let Some(body) = self.taken.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = match Pin::new(body).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
+        };
+        self.sent += frame.data_ref().map_or(0, |d| d.len() as u64);
+        if self.limit.is_some_and(|max| self.sent > max) {
+            return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
         }
+        Poll::Ready(Some(Ok(frame)))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -88,6 +88,8 @@ pub struct LimitConfig {
     pub max_connections: usize,
     /// Largest request head (request line and headers); larger heads get 431.
     pub max_header_bytes: usize,
+    /// Largest request body; larger ones get 413. None: no limit.
+    pub max_body_bytes: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -196,6 +198,7 @@ mod raw {
     pub struct Limits {
         pub max_connections: Spanned<usize>,
         pub max_header_bytes: Spanned<usize>,
+        pub max_body_bytes: Option<Spanned<usize>>,
     }
 
     impl Default for Limits {
@@ -203,6 +206,7 @@ mod raw {
             Self {
                 max_connections: Spanned::new(0..0, 10_000),
                 max_header_bytes: Spanned::new(0..0, 64 * 1024),
+                max_body_bytes: None,
             }
         }
     }
@@ -420,6 +424,10 @@ fn validate(
             1 << 20,
             ctx,
         )?,
+        max_body_bytes: match &raw.limits.max_body_bytes {
+            Some(v) => Some(bounded(v, "limits.max_body_bytes", 1, usize::MAX, ctx)? as u64),
+            None => None,
+        },
     };
     let affinity = affinity(raw.affinity, ctx, env_secret)?;
     let health = health(raw.health, ctx)?;

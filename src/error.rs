@@ -18,6 +18,8 @@ pub enum ProxyError {
     Timeout(Duration),
     #[error("request refused: {0}")]
     Refused(#[from] crate::validate::Rejection),
+    #[error("request body larger than limits.max_body_bytes")]
+    BodyTooLarge,
 }
 
 impl ProxyError {
@@ -28,18 +30,21 @@ impl ProxyError {
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Refused(crate::validate::Rejection::Connect) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Refused(_) => StatusCode::BAD_REQUEST,
+            Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 
     pub fn into_response(self, retry_after: &HeaderValue) -> Response<ProxyBody> {
         let status = self.status();
-        let refused = matches!(self, Self::Refused(_));
+        // The rest of the request cannot be trusted or was not read: end the connection.
+        let refused = matches!(self, Self::Refused(_) | Self::BodyTooLarge);
         let text = match self {
             Self::NoBackend => "503 Service Unavailable: no backend is available\n",
             Self::Upstream(_) => "502 Bad Gateway: the upstream server failed\n",
             Self::Timeout(_) => "504 Gateway Timeout: the upstream server did not answer in time\n",
             Self::Refused(crate::validate::Rejection::Connect) => "405 Method Not Allowed\n",
             Self::Refused(_) => "400 Bad Request\n",
+            Self::BodyTooLarge => "413 Content Too Large\n",
         };
         let mut resp = Response::new(ProxyBody::local(text));
         *resp.status_mut() = status;

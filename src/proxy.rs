@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use http::header::{COOKIE, SET_COOKIE};
+use http::header::{CONTENT_LENGTH, COOKIE, SET_COOKIE};
 use http::request::Parts;
 use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderValue, Method, Request, Response, Uri, Version};
@@ -18,7 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::affinity;
 use crate::backend::Mode;
-use crate::body::{ProxyBody, Replayable, UpstreamBody};
+use crate::body::{BodyTooLarge, ProxyBody, Replayable, UpstreamBody};
 use crate::error::{chain, ProxyError};
 use crate::headers::{self, FAILOVER};
 use crate::metrics::Metrics;
@@ -138,9 +138,15 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
         crate::validate::check(&parts)?;
+        if declared_length(&parts)
+            .zip(routing.max_body)
+            .is_some_and(|(n, max)| n > max)
+        {
+            return Err(ProxyError::BodyTooLarge);
+        }
         let pin = routing.pin(&affinity::take(&mut parts.headers, &routing.cookie_name));
         headers::prepare_request(&mut parts, peer.ip());
-        let body = Replayable::new(body);
+        let body = Replayable::new(body, routing.max_body);
         // Replaying after bytes went out is safe only for idempotent requests without a body.
         let replayable = body.is_empty() && is_idempotent(&parts.method);
         let mut last = ProxyError::NoBackend;
@@ -175,6 +181,9 @@ impl Proxy {
                 Ok(Err(e)) => e,
                 Err(_elapsed) => return Err(ProxyError::Timeout(timeout)),
             };
+            if caused_by::<BodyTooLarge>(&err) {
+                return Err(ProxyError::BodyTooLarge);
+            }
             let refused = err.is_connect();
             tracing::warn!(backend = %member.backend.id, connect = refused, error = %chain(&err), "upstream attempt failed");
             if refused {
@@ -221,6 +230,28 @@ impl Proxy {
         self.metrics.failover(reason);
         tracing::info!(from, to = %to.backend.id, reason, session, "session failed over");
     }
+}
+
+fn declared_length(parts: &Parts) -> Option<u64> {
+    parts
+        .headers
+        .get(CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// True if `T` is anywhere in the error's source chain.
+fn caused_by<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<T>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 fn is_idempotent(m: &Method) -> bool {

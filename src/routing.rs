@@ -45,6 +45,8 @@ pub struct Routing {
     policy: Box<dyn Policy>,
     pub attempts: usize,
     pub timeouts: TimeoutConfig,
+    /// Largest request body accepted (413 beyond it); None: no limit.
+    pub max_body: Option<u64>,
     /// `Retry-After` for 503s: one heartbeat interval, rounded up to whole seconds.
     pub retry_after: HeaderValue,
 }
@@ -101,6 +103,7 @@ impl Routing {
             policy,
             attempts: 1 + cfg.balancer.retries as usize,
             timeouts: cfg.timeouts.clone(),
+            max_body: cfg.limits.max_body_bytes,
             retry_after: HeaderValue::from(secs as u64),
         }
     }

@@ -598,3 +598,39 @@ async fn content_length_with_chunked_reaches_the_backend_with_one_framing_only()
             && seen[0].headers.contains_key("transfer-encoding"))
     );
 }
+
+#[tokio::test]
+async fn bodies_over_the_limit_get_413() {
+    let a = Upstream::start("a").await;
+    let proxy = Proxy::start(&config(
+        &[&a],
+        &format!("{QUIET_HEALTH}[limits]\nmax_body_bytes = 1000\n"),
+    ))
+    .await;
+    let client = Clientele::new(proxy.addr);
+    let r = client
+        .send("POST", "/upload", None, &"x".repeat(1001))
+        .await;
+    assert_eq!(r.status, 413, "declared too large");
+    assert_eq!(a.hits(), 0, "a body declared too large is never forwarded");
+
+    let fits = client
+        .send("POST", "/upload", None, &"y".repeat(1000))
+        .await;
+    assert_eq!(fits.status, 200);
+    assert_eq!(a.seen().pop().unwrap().body.len(), 1000);
+
+    let chunk = "z".repeat(600);
+    let chunked = format!(
+        "POST /stream HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n258\r\n{chunk}\r\n258\r\n{chunk}\r\n0\r\n\r\n"
+    );
+    let reply = raw_request(proxy.addr, &chunked).await;
+    assert!(
+        reply.starts_with("HTTP/1.1 413"),
+        "a chunked body that grows too large: {reply}"
+    );
+    assert!(
+        a.seen().iter().all(|s| s.body.len() <= 1000),
+        "the backend never got more than the limit"
+    );
+}
