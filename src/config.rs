@@ -145,7 +145,7 @@ pub struct BalancerConfig {
     pub retries: u32,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthConfig {
     pub path: String,
     pub interval: Duration,

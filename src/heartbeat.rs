@@ -29,11 +29,18 @@ pub const BACKEND_STATE: &str = "x-stickylb-backend-state";
 #[derive(Debug, Default)]
 pub struct Heartbeats {
     tasks: HashMap<String, (Arc<Backend>, JoinHandle<()>)>,
+    /// The settings the running probes use.
+    cfg: Option<HealthConfig>,
 }
 
 impl Heartbeats {
-    /// Makes the running probes match `routing`: one per backend, with `cfg`'s settings.
+    /// Makes the running probes match `routing`: one per backend, with `cfg`'s settings. Probes
+    /// of backends kept by a reload go on undisturbed unless the health settings changed.
     pub fn sync(&mut self, routing: &Routing, cfg: &HealthConfig, metrics: &Arc<Metrics>) {
+        if self.cfg.as_ref() != Some(cfg) {
+            self.stop_all();
+            self.cfg = Some(cfg.clone());
+        }
         let wanted: Vec<&Arc<Backend>> = routing.members.iter().map(|m| &m.backend).collect();
         self.tasks.retain(|id, (backend, task)| {
             let keep = wanted.iter().any(|b| Arc::ptr_eq(b, backend));
@@ -44,21 +51,25 @@ impl Heartbeats {
             keep
         });
         for backend in wanted {
-            if let Some((_, task)) = self.tasks.remove(&backend.id) {
-                task.abort(); // settings may have changed: restart with the new ones
+            if self.tasks.contains_key(&backend.id) {
+                continue;
             }
             let task = tokio::spawn(run(Arc::clone(backend), cfg.clone(), Arc::clone(metrics)));
             self.tasks
                 .insert(backend.id.clone(), (Arc::clone(backend), task));
         }
     }
+
+    fn stop_all(&mut self) {
+        for (_, (_, task)) in self.tasks.drain() {
+            task.abort();
+        }
+    }
 }
 
 impl Drop for Heartbeats {
     fn drop(&mut self) {
-        for (_, task) in self.tasks.values() {
-            task.abort();
-        }
+        self.stop_all();
     }
 }
 

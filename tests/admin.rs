@@ -349,3 +349,31 @@ async fn twenty_reloads_under_concurrent_traffic_fail_no_request() {
     assert!(ok > 100, "traffic actually ran: {ok}");
     assert_eq!(failed, 0);
 }
+
+#[tokio::test]
+async fn heartbeats_keep_running_across_a_reload() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let path = temp_config("probes");
+    let fast = "[health]\ninterval = \"20ms\"\ntimeout = \"200ms\"\nrise = 1\nfall = 1\n";
+    let write = |ups: &[&Upstream]| {
+        let mut text = common::config(ups, fast);
+        text.push_str("\n[admin]\naddress = \"127.0.0.1:0\"\n");
+        std::fs::write(&path, text).unwrap();
+    };
+    write(&[&a]);
+    let proxy = Proxy::start_file(&path).await;
+    write(&[&a, &b]);
+    assert_eq!(admin(&proxy, "POST", "/reload").await.0, 200);
+    a.set_health(500);
+    b.set_health(500);
+    eventually(
+        Duration::from_secs(10),
+        "kept backend a probed after the reload",
+        || !proxy.is_up("a"),
+    )
+    .await;
+    eventually(Duration::from_secs(10), "added backend b probed", || {
+        !proxy.is_up("b")
+    })
+    .await;
+}
