@@ -123,13 +123,20 @@ async fn bounded<T>(op: impl Future<Output = Result<T, StoreError>>) -> Result<T
         .unwrap_or(Err(StoreError::Timeout))
 }
 
+/// Runs the same call on whichever store this is, bounded by [`OP_TIMEOUT`].
+macro_rules! on_store {
+    ($store:expr, $s:ident => $call:expr) => {
+        match $store {
+            Store::Memory($s) => bounded($call).await,
+            Store::Sqlite($s) => bounded($call).await,
+            Store::Redis($s) => bounded($call).await,
+        }
+    };
+}
+
 impl SessionStore for Store {
     async fn load(&self, id: &str) -> Result<Option<Loaded>, StoreError> {
-        match self {
-            Self::Memory(s) => bounded(s.load(id)).await,
-            Self::Sqlite(s) => bounded(s.load(id)).await,
-            Self::Redis(s) => bounded(s.load(id)).await,
-        }
+        on_store!(self, s => s.load(id))
     }
 
     async fn save(
@@ -140,34 +147,18 @@ impl SessionStore for Store {
         expected: u64,
         ttl: Duration,
     ) -> Result<Saved, StoreError> {
-        match self {
-            Self::Memory(s) => bounded(s.save(id, record, tag, expected, ttl)).await,
-            Self::Sqlite(s) => bounded(s.save(id, record, tag, expected, ttl)).await,
-            Self::Redis(s) => bounded(s.save(id, record, tag, expected, ttl)).await,
-        }
+        on_store!(self, s => s.save(id, record, tag, expected, ttl))
     }
 
     async fn delete(&self, id: &str) -> Result<(), StoreError> {
-        match self {
-            Self::Memory(s) => bounded(s.delete(id)).await,
-            Self::Sqlite(s) => bounded(s.delete(id)).await,
-            Self::Redis(s) => bounded(s.delete(id)).await,
-        }
+        on_store!(self, s => s.delete(id))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        match self {
-            Self::Memory(s) => bounded(s.ping()).await,
-            Self::Sqlite(s) => bounded(s.ping()).await,
-            Self::Redis(s) => bounded(s.ping()).await,
-        }
+        on_store!(self, s => s.ping())
     }
 
     async fn sweep(&self) -> Result<u64, StoreError> {
-        match self {
-            Self::Memory(s) => bounded(s.sweep()).await,
-            Self::Sqlite(s) => bounded(s.sweep()).await,
-            Self::Redis(s) => bounded(s.sweep()).await,
-        }
+        on_store!(self, s => s.sweep())
     }
 }
