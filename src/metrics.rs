@@ -102,6 +102,13 @@ impl Default for Metrics {
     }
 }
 
+fn observe(family: &Histograms, backend: &str, took: Duration) {
+    let labels = BackendLabels {
+        backend: backend.to_string(),
+    };
+    family.get_or_create(&labels).observe(took.as_secs_f64());
+}
+
 fn class(status: u16) -> &'static str {
     match status {
         100..=199 => "1xx",
@@ -125,21 +132,11 @@ impl Metrics {
     }
 
     pub fn upstream_latency(&self, backend: &str, took: Duration) {
-        let labels = BackendLabels {
-            backend: backend.to_string(),
-        };
-        self.upstream_latency
-            .get_or_create(&labels)
-            .observe(took.as_secs_f64());
+        observe(&self.upstream_latency, backend, took);
     }
 
     pub fn heartbeat_latency(&self, backend: &str, took: Duration) {
-        let labels = BackendLabels {
-            backend: backend.to_string(),
-        };
-        self.heartbeat_latency
-            .get_or_create(&labels)
-            .observe(took.as_secs_f64());
+        observe(&self.heartbeat_latency, backend, took);
     }
 
     pub fn failover(&self, reason: &'static str) {
