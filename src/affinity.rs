@@ -18,23 +18,23 @@ const CONTEXT: &[u8] = b"stickylb-pin-v1:";
 
 /// Derives the cookie value that pins a client to `backend_id`.
 pub fn token(secret: &[u8], backend_id: &str) -> String {
+    URL_SAFE_NO_PAD.encode(&keyed(secret, CONTEXT, backend_id.as_bytes())[..TOKEN_BYTES])
+}
+
+/// HMAC-SHA256 of `data` under `secret`, with a context prefix for domain separation.
+fn keyed(secret: &[u8], context: &[u8], data: &[u8]) -> [u8; 32] {
     // HMAC accepts keys of any length, so this cannot fail.
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).unwrap_or_else(|_| unreachable!());
-    mac.update(CONTEXT);
-    mac.update(backend_id.as_bytes());
-    URL_SAFE_NO_PAD.encode(&mac.finalize().into_bytes()[..TOKEN_BYTES])
+    mac.update(context);
+    mac.update(data);
+    mac.finalize().into_bytes().into()
 }
 
 /// A short, keyed, one-way tag of the client's other cookies (its application session), so
 /// failover audit events can be correlated without ever logging a cookie value.
 pub fn session_tag(secret: &[u8], cookies: &[u8]) -> String {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).unwrap_or_else(|_| unreachable!());
-    mac.update(b"stickylb-session-tag-v1:");
-    mac.update(cookies);
-    mac.finalize().into_bytes()[..6]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    let mac = keyed(secret, b"stickylb-session-tag-v1:", cookies);
+    mac[..6].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The full `Set-Cookie` value that pins a client to a backend, built once per routing snapshot.
