@@ -4,13 +4,14 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::header::{HOST, USER_AGENT};
 use http::{HeaderValue, Request};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::MissedTickBehavior;
 
 use crate::backend::Backend;
@@ -84,17 +85,49 @@ async fn run(backend: Arc<Backend>, cfg: HealthConfig, metrics: Arc<Metrics>) {
         .build(connector);
     let mut tick = tokio::time::interval(cfg.interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // Probes overlap: a hung backend must not slow the schedule down, or detecting it would
+    // take `fall x timeout` instead of `fall x interval + timeout`. At most
+    // `timeout / interval + 1` are outstanding, since each one ends within `timeout`.
+    let mut probes = JoinSet::new();
+    let mut last_recorded = tokio::time::Instant::now();
     loop {
-        tick.tick().await;
-        let started = tokio::time::Instant::now();
-        let result = probe(&client, &backend, &cfg).await;
-        let took = started.elapsed();
-        metrics.heartbeat_latency(&backend.id, took);
-        if let Err(reason) = &result {
-            tracing::debug!(backend = %backend.id, reason, "heartbeat failed");
+        tokio::select! {
+            _ = tick.tick() => {
+                let (client, backend, cfg) = (client.clone(), Arc::clone(&backend), cfg.clone());
+                probes.spawn(async move {
+                    let at = tokio::time::Instant::now();
+                    (at, probe(&client, &backend, &cfg).await)
+                });
+            }
+            Some(Ok((at, result))) = probes.join_next() => {
+                if counts(at, &result, last_recorded) {
+                    last_recorded = tokio::time::Instant::now();
+                    record(&backend, &metrics, result, at.elapsed());
+                }
+            }
         }
-        backend.record_heartbeat(result, took);
     }
+}
+
+/// Fail fast, recover slowly. Every failure counts, so `fall` overlapping probes of a hung
+/// backend take it down within `fall x interval + timeout`. A success counts only if its probe
+/// started after the last result was recorded: a resumed process answers its queued probes all
+/// at once, and those must not add up to `rise` in one instant; each success has to vouch for
+/// a new interval.
+fn counts(
+    started: tokio::time::Instant,
+    result: &Result<(), String>,
+    last_recorded: tokio::time::Instant,
+) -> bool {
+    result.is_err() || started >= last_recorded
+}
+
+fn record(backend: &Backend, metrics: &Metrics, result: Result<(), String>, took: Duration) {
+    metrics.heartbeat_latency(&backend.id, took);
+    if let Err(reason) = &result {
+        tracing::debug!(backend = %backend.id, reason, "heartbeat failed");
+    }
+    backend.record_heartbeat(result, took);
 }
 
 async fn probe(
@@ -127,5 +160,34 @@ async fn probe(
         Ok(())
     } else {
         Err(format!("heartbeat answered {}", status.as_u16()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_always_count_successes_only_when_fresh() {
+        let now = tokio::time::Instant::now();
+        let (before, after) = (
+            now - Duration::from_millis(10),
+            now + Duration::from_millis(10),
+        );
+        let (ok, failed) = (Ok(()), Err("timed out".to_string()));
+        let table = [
+            (after, &ok, true),
+            (now, &ok, true),
+            (before, &ok, false),
+            (before, &failed, true),
+            (after, &failed, true),
+        ];
+        for (started, result, expected) in table {
+            assert_eq!(
+                counts(started, result, now),
+                expected,
+                "{started:?} {result:?}"
+            );
+        }
     }
 }
