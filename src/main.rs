@@ -125,7 +125,9 @@ async fn serve(config: Config) -> ExitCode {
             }
         },
     };
-    let admin_address = config.admin.as_ref().map(|a| a.address);
+    // The bound addresses, not the configured ones: with port 0 the OS picked the port.
+    let address = listener.local_addr().unwrap_or(address);
+    let admin_address = admin.as_ref().and_then(|l| l.local_addr().ok());
     tracing::info!(address = %address, admin = ?admin_address, backends = config.backends.len(), "listening");
     let lb = Stickylb::new(config);
     let hup = tokio::spawn(reload_on_sighup(lb.clone()));
