@@ -20,14 +20,17 @@ use crate::store::SessionStore;
 /// Sent by stickylb on a request whose client was pinned to another node.
 pub const FAILOVER_HEADER: &str = "x-stickylb-failover";
 pub const SESSION_COOKIE: &str = "sid";
-/// Bound on the store check inside `/healthz`, well under stickylb's heartbeat timeout.
-const HEALTH_STORE_TIMEOUT: Duration = Duration::from_millis(250);
+/// How often the store is pinged for `/healthz`, which reports the last result: a liveness
+/// answer must never wait on the store, or a store outage would look like a dead node.
+const STORE_CHECK_EVERY: Duration = Duration::from_millis(250);
+const STORE_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub struct App {
     pub node: String,
     pub sessions: Arc<Sessions>,
     pub rejoin: Rejoin,
     healthy: AtomicBool,
+    store_ok: AtomicBool,
 }
 
 impl App {
@@ -37,7 +40,22 @@ impl App {
             sessions,
             rejoin,
             healthy: AtomicBool::new(true),
+            store_ok: AtomicBool::new(true),
         })
+    }
+
+    /// Keeps the store's reachability current for `/healthz`; runs until aborted.
+    pub async fn watch_store(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(STORE_CHECK_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let ping = tokio::time::timeout(STORE_CHECK_TIMEOUT, self.sessions.store().ping());
+            let ok = matches!(ping.await, Ok(Ok(())));
+            if self.store_ok.swap(ok, Ordering::SeqCst) != ok {
+                tracing::info!(node = %self.node, store_ok = ok, "store reachability changed");
+            }
+        }
     }
 
     fn cut_off(&self, why: Option<CutOff>) {
@@ -109,6 +127,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/session", get(show).delete(end))
         .route("/", get(page))
         .route("/admin/health", post(admin_health))
+        .route("/slow", get(slow))
         .with_state(app)
 }
 
@@ -121,10 +140,7 @@ async fn healthz(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
         let state = headers.get(STATE_HEADER).and_then(|v| v.to_str().ok());
         app.cut_off(app.rejoin.heartbeat(state));
     }
-    let store_ok = matches!(
-        tokio::time::timeout(HEALTH_STORE_TIMEOUT, app.sessions.store().ping()).await,
-        Ok(Ok(()))
-    );
+    let store_ok = app.store_ok.load(Ordering::SeqCst);
     let healthy = app.healthy.load(Ordering::SeqCst);
     let body = json!({
         "node": app.node,
@@ -185,6 +201,21 @@ async fn admin_health(State(app): State<Arc<App>>, Query(q): Query<HealthToggle>
     app.healthy.store(q.ok, Ordering::SeqCst);
     tracing::info!(node = %app.node, healthy = q.ok, "health toggled by operator");
     Json(json!({"node": app.node, "status": if q.ok { "ok" } else { "failing" }})).into_response()
+}
+
+/// The longest `/slow` waits, in ms: enough to watch a proxy timeout, short enough to be harmless.
+const SLOW_CAP_MS: u64 = 10_000;
+
+#[derive(Deserialize)]
+struct Slowness {
+    ms: u64,
+}
+
+/// A page that takes `ms` milliseconds: for watching backend timeouts and graceful shutdown.
+async fn slow(State(app): State<Arc<App>>, Query(q): Query<Slowness>) -> Response {
+    let ms = q.ms.min(SLOW_CAP_MS);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    Json(json!({"node": app.node, "slept_ms": ms})).into_response()
 }
 
 async fn page(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {

@@ -66,10 +66,12 @@ pub async fn serve(
         async move { sessions.write_behind(stop).await }
     });
     let sweeper = tokio::spawn(sweep(Arc::clone(&sessions)));
+    let store_watch = tokio::spawn(Arc::clone(&app).watch_store());
     let served = axum::serve(listener, app::router(app))
         .with_graceful_shutdown(shutdown)
         .await;
     sweeper.abort();
+    store_watch.abort();
     stop_writer.send_replace(true);
     if let Err(e) = writer.await {
         tracing::error!(node = %opts.id, error = %e, "write-behind task failed");

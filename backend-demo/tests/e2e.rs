@@ -10,48 +10,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use cluster::{proxy_config, session, wait_up, Browser, Node};
+use cluster::{index, kill_trials, nodes, proxy_config, session, store, wait_up, Browser, Node};
 use common::Proxy;
-use support::TestRedis;
-
-/// Store arguments for a node, and the private Redis (if any) that must outlive the test.
-async fn store(kind: &str, test: &str) -> Option<(Vec<String>, Option<TestRedis>)> {
-    match kind {
-        "sqlite" => Some((
-            vec![
-                "--store".into(),
-                format!("sqlite:{}", support::sqlite_path(test)),
-            ],
-            None,
-        )),
-        _ => {
-            let redis = support::redis(test).await?;
-            let args = vec![
-                "--store".into(),
-                redis.url.clone(),
-                "--redis-prefix".into(),
-                redis.prefix.clone(),
-            ];
-            Some((args, Some(redis)))
-        }
-    }
-}
-
-fn nodes(store: &[String], extra: &[&str]) -> [Node; 2] {
-    let args: Vec<&str> = store
-        .iter()
-        .map(String::as_str)
-        .chain(extra.iter().copied())
-        .collect();
-    [Node::start("a", &args), Node::start("b", &args)]
-}
-
-fn index(nodes: &[Node; 2], id: &str) -> usize {
-    nodes
-        .iter()
-        .position(|n| n.id == id)
-        .unwrap_or_else(|| panic!("unknown node {id:?}"))
-}
 
 /// A browser whose session lives on node `id`.
 async fn browser_on(proxy: &Proxy, id: &str) -> Browser {
@@ -121,46 +81,6 @@ async fn walkthrough_with_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn walkthrough_with_redis() {
     walkthrough("redis").await;
-}
-
-/// write -> 200 -> SIGKILL of the node that acknowledged it -> read through the other node.
-/// Returns (trials, acknowledged writes lost).
-async fn kill_trials(kind: &str, replication: &str, trials: usize) -> Option<(usize, usize)> {
-    let (args, _redis) = store(kind, &format!("trials-{kind}-{replication}")).await?;
-    let mut nodes = nodes(&args, &["--replication", replication]);
-    let proxy = Proxy::start(&proxy_config(&[&nodes[0], &nodes[1]])).await;
-    let mut browser = Browser::new(&proxy);
-    let mut lost = 0;
-    for trial in 0..trials {
-        let r = browser.send("POST", "/visit").await;
-        assert_eq!(r.status, 200, "trial {trial}: {}", r.body);
-        let acked = session(&r);
-        let owner = index(&nodes, &acked.node);
-        nodes[owner].kill9();
-        let read = browser.send("GET", "/session").await;
-        // 404 means the whole session was lost (its first write never reached the store).
-        assert!(
-            read.status == 200 || read.status == 404,
-            "trial {trial}: {} {}",
-            read.status,
-            read.body
-        );
-        let got = session(&read);
-        assert_ne!(
-            got.node, acked.node,
-            "trial {trial}: read must come from the other node"
-        );
-        assert!(
-            got.visits <= acked.visits,
-            "trial {trial}: more visits than acknowledged"
-        );
-        if got.visits < acked.visits {
-            lost += 1;
-        }
-        nodes[owner].restart().await;
-        wait_up(&proxy, &nodes[owner].id).await;
-    }
-    Some((trials, lost))
 }
 
 async fn sync_loses_nothing(kind: &str) {
@@ -353,17 +273,18 @@ async fn sync_mode_answers_503_when_the_store_cannot_take_the_write() {
         !r.body.contains("visits"),
         "an unstored write must not be acknowledged"
     );
-    let health: serde_json::Value = serde_json::from_str(
-        &common::Clientele::new(nodes[0].addr)
-            .get("/healthz", None)
-            .await
-            .body,
+    // Alive, and saying the store is down (its store check runs in the background).
+    let node = common::Clientele::new(nodes[0].addr);
+    support::eventually(
+        Duration::from_secs(5),
+        "healthz reports the store down",
+        || async {
+            let health: serde_json::Value =
+                serde_json::from_str(&node.get("/healthz", None).await.body).unwrap();
+            (health["status"].as_str(), health["store"].as_str()) == (Some("ok"), Some("down"))
+        },
     )
-    .unwrap();
-    assert_eq!(
-        (health["status"].as_str(), health["store"].as_str()),
-        (Some("ok"), Some("down"))
-    );
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,8 +32,11 @@ impl RedisStore {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Duration::from_secs(1))
             .set_response_timeout(Duration::from_secs(1))
-            .set_number_of_retries(2)
-            .set_max_delay(500);
+            // One reconnect attempt per failed request, no backoff: while Redis is down a
+            // request fails fast (503) instead of waiting out the proxy's timeout (the retry
+            // backoff adds up to a second of jitter per attempt), and once Redis is back the
+            // next request reconnects within milliseconds.
+            .set_number_of_retries(0);
         let conn = client.get_connection_manager_with_config(config).await?;
         Ok(Self {
             conn,
