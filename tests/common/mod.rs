@@ -325,6 +325,20 @@ impl Clientele {
         headers: &[(&str, &str)],
         body: &str,
     ) -> Reply {
+        self.try_send_with(method, path, headers, body)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// Like `send_with`, but a transport failure or a 10 s silence is returned, not a panic: load
+    /// generators count them.
+    pub async fn try_send_with(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Result<Reply, String> {
         let mut req = Request::builder()
             .method(method)
             .uri(format!("http://{}{}", self.proxy, path));
@@ -337,15 +351,19 @@ impl Clientele {
         let req = req.body(Full::new(Bytes::from(body.to_string()))).unwrap();
         let resp = tokio::time::timeout(Duration::from_secs(10), self.client.request(req))
             .await
-            .expect("reply in time")
-            .unwrap();
+            .map_err(|_| "no reply within 10s".to_string())?
+            .map_err(|e| format!("request failed: {e:?}"))?;
         let (parts, body) = resp.into_parts();
-        let body = body.collect().await.unwrap().to_bytes();
-        Reply {
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| format!("body failed: {e:?}"))?
+            .to_bytes();
+        Ok(Reply {
             status: parts.status,
             headers: parts.headers,
             body: String::from_utf8_lossy(&body).into_owned(),
-        }
+        })
     }
 
     pub async fn get(&self, path: &str, cookie: Option<&str>) -> Reply {

@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::common::{Clientele, Proxy, Reply};
+use crate::support::TestRedis;
 
 /// One `backend-demo` OS process.
 pub struct Node {
@@ -179,10 +180,21 @@ impl Browser {
     }
 
     pub async fn send(&mut self, method: &str, path: &str) -> Reply {
+        self.try_send(method, path)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// A transport failure is returned (and counted by load generators), not a panic.
+    pub async fn try_send(&mut self, method: &str, path: &str) -> Result<Reply, String> {
         let cookie = self.jar.header();
-        let r = self.client.send(method, path, cookie.as_deref(), "").await;
+        let headers: Vec<(&str, &str)> = cookie.iter().map(|c| ("cookie", c.as_str())).collect();
+        let r = self
+            .client
+            .try_send_with(method, path, &headers, "")
+            .await?;
         self.jar.update(&r);
-        r
+        Ok(r)
     }
 }
 
@@ -191,4 +203,77 @@ pub async fn wait_up(proxy: &Proxy, id: &str) {
         proxy.is_up(id)
     })
     .await;
+}
+
+/// Store arguments for a node, and the private Redis (if any) that must outlive the test.
+pub async fn store(kind: &str, test: &str) -> Option<(Vec<String>, Option<TestRedis>)> {
+    match kind {
+        "sqlite" => Some((
+            vec![
+                "--store".into(),
+                format!("sqlite:{}", crate::support::sqlite_path(test)),
+            ],
+            None,
+        )),
+        _ => {
+            let redis = crate::support::redis(test).await?;
+            Some((redis.node_args(), Some(redis)))
+        }
+    }
+}
+
+pub fn nodes(store: &[String], extra: &[&str]) -> [Node; 2] {
+    let args: Vec<&str> = store
+        .iter()
+        .map(String::as_str)
+        .chain(extra.iter().copied())
+        .collect();
+    [Node::start("a", &args), Node::start("b", &args)]
+}
+
+pub fn index(nodes: &[Node; 2], id: &str) -> usize {
+    nodes
+        .iter()
+        .position(|n| n.id == id)
+        .unwrap_or_else(|| panic!("unknown node {id:?}"))
+}
+
+/// write -> 200 -> SIGKILL of the node that acknowledged it -> read through the other node.
+/// Returns (trials, acknowledged writes lost).
+pub async fn kill_trials(kind: &str, replication: &str, trials: usize) -> Option<(usize, usize)> {
+    let (args, _redis) = store(kind, &format!("trials-{kind}-{replication}")).await?;
+    let mut nodes = nodes(&args, &["--replication", replication]);
+    let proxy = crate::common::Proxy::start(&proxy_config(&[&nodes[0], &nodes[1]])).await;
+    let mut browser = Browser::new(&proxy);
+    let mut lost = 0;
+    for trial in 0..trials {
+        let r = browser.send("POST", "/visit").await;
+        assert_eq!(r.status, 200, "trial {trial}: {}", r.body);
+        let acked = session(&r);
+        let owner = index(&nodes, &acked.node);
+        nodes[owner].kill9();
+        let read = browser.send("GET", "/session").await;
+        // 404 means the whole session was lost (its first write never reached the store).
+        assert!(
+            read.status == 200 || read.status == 404,
+            "trial {trial}: {} {}",
+            read.status,
+            read.body
+        );
+        let got = session(&read);
+        assert_ne!(
+            got.node, acked.node,
+            "trial {trial}: read must come from the other node"
+        );
+        assert!(
+            got.visits <= acked.visits,
+            "trial {trial}: more visits than acknowledged"
+        );
+        if got.visits < acked.visits {
+            lost += 1;
+        }
+        nodes[owner].restart().await;
+        wait_up(&proxy, &nodes[owner].id).await;
+    }
+    Some((trials, lost))
 }

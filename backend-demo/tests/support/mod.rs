@@ -12,9 +12,17 @@ pub struct TestRedis {
     pub url: String,
     pub prefix: String,
     child: Option<Child>,
+    /// How to start the private server again (same port, same data directory).
+    args: Vec<String>,
 }
 
 impl TestRedis {
+    /// The `backend-demo` arguments that point a node at this Redis.
+    pub fn node_args(&self) -> Vec<String> {
+        let args = ["--store", &self.url, "--redis-prefix", &self.prefix];
+        args.map(String::from).to_vec()
+    }
+
     /// Stops a private server (an outage); panics for a shared `REDIS_URL` one.
     pub fn stop(&mut self) {
         let child = self
@@ -23,6 +31,12 @@ impl TestRedis {
             .expect("only a private redis-server can be stopped");
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    /// Starts a stopped private server again on its old port; a durable one keeps its data.
+    pub async fn start(&mut self) {
+        self.child = Some(launch_redis(&self.args).unwrap());
+        await_redis(&self.url).await.unwrap();
     }
 }
 
@@ -44,9 +58,10 @@ pub async fn redis(test: &str) -> Option<TestRedis> {
             url,
             prefix,
             child: None,
+            args: Vec::new(),
         });
     }
-    match spawn_redis().await {
+    match spawn_redis(false).await {
         Ok(mut r) => {
             r.prefix = prefix;
             Some(r)
@@ -61,40 +76,80 @@ pub async fn redis(test: &str) -> Option<TestRedis> {
     }
 }
 
-async fn spawn_redis() -> Result<TestRedis, String> {
-    let port = free_port();
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot start redis-server: {e}"))?;
+/// A private `redis-server` that this test may stop and start (never a shared `REDIS_URL`
+/// one). Durable means every write is fsynced to an append-only file before it is
+/// acknowledged, so a restart comes back with the data, as a production store would.
+pub async fn private_redis(test: &str, durable: bool) -> Option<TestRedis> {
+    match spawn_redis(durable).await {
+        Ok(r) => Some(r),
+        Err(why) if std::env::var("STICKYLB_REQUIRE_REDIS").as_deref() == Ok("1") => {
+            panic!("{test}: Redis required (STICKYLB_REQUIRE_REDIS=1) but unavailable: {why}")
+        }
+        Err(why) => {
+            println!("SKIPPED {test}: {why} (install redis-server)");
+            None
+        }
+    }
+}
+
+async fn spawn_redis(durable: bool) -> Result<TestRedis, String> {
+    let port = free_port().to_string();
+    let mut args: Vec<String> = ["--port", &port, "--bind", "127.0.0.1", "--save", ""]
+        .map(String::from)
+        .to_vec();
+    if durable {
+        let dir = std::env::temp_dir().join(format!("stickylb-redis-{port}-{}", rand_tag()));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let dir = dir.display().to_string();
+        args.extend(
+            [
+                "--dir",
+                &dir,
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ]
+            .map(String::from),
+        );
+    } else {
+        args.extend(["--appendonly", "no"].map(String::from));
+    }
+    let child = launch_redis(&args)?;
     let url = format!("redis://127.0.0.1:{port}");
     let redis = TestRedis {
         url: url.clone(),
-        prefix: String::new(),
+        prefix: format!("stickylb-test:{}:", rand_tag()),
         child: Some(child),
+        args,
     };
+    await_redis(&url).await?;
+    Ok(redis)
+}
+
+fn rand_tag() -> String {
+    backend_demo::session::new_id()[..12].to_string()
+}
+
+fn launch_redis(args: &[String]) -> Result<Child, String> {
+    Command::new("redis-server")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start redis-server: {e}"))
+}
+
+async fn await_redis(url: &str) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        if let Ok(store) = Store::open(&url, "probe:").await {
+        if let Ok(store) = Store::open(url, "probe:").await {
             if store.ping().await.is_ok() {
-                return Ok(redis);
+                return Ok(());
             }
         }
         if tokio::time::Instant::now() > deadline {
-            return Err(format!(
-                "redis-server on port {port} did not answer within 10s"
-            ));
+            return Err(format!("{url} did not answer within 10s"));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
