@@ -1,6 +1,10 @@
 //! The affinity cookie: an opaque pin derived as HMAC-SHA256(secret, backend id), so it reveals
 //! neither address nor id, is stable across restarts and across instances sharing the secret, and
 //! cannot be forged to reach anything but a configured backend.
+//!
+//! With `max_age`, the value is `TAG.ISSUED.MAC`: the backend's tag, the issue time (unix
+//! seconds, hex) and a MAC over both, so the proxy itself can refuse an expired pin however long
+//! a browser keeps the cookie.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -23,11 +27,46 @@ pub fn token(secret: &[u8], backend_id: &str) -> String {
 
 /// HMAC-SHA256 of `data` under `secret`, with a context prefix for domain separation.
 fn keyed(secret: &[u8], context: &[u8], data: &[u8]) -> [u8; 32] {
+    mac(secret, context, data).finalize().into_bytes().into()
+}
+
+fn mac(secret: &[u8], context: &[u8], data: &[u8]) -> Hmac<Sha256> {
     // HMAC accepts keys of any length, so this cannot fail.
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).unwrap_or_else(|_| unreachable!());
     mac.update(context);
     mac.update(data);
-    mac.finalize().into_bytes().into()
+    mac
+}
+
+const STAMP_CONTEXT: &[u8] = b"stickylb-stamp-v1:";
+
+/// An expiring pin: `tag` issued at `issued` (unix seconds), signed with `secret`.
+pub fn stamp(secret: &[u8], tag: &str, issued: u64) -> String {
+    let signed = format!("{tag}.{issued:x}");
+    let mac = keyed(secret, STAMP_CONTEXT, signed.as_bytes());
+    format!("{signed}.{}", URL_SAFE_NO_PAD.encode(&mac[..TOKEN_BYTES]))
+}
+
+/// The tag and issue time of an expiring pin, if `value` is well formed; the MAC is not checked
+/// here (see [`stamp_is_valid`]), since the tag says which key to check it with.
+pub fn unstamp(value: &str) -> Option<(&str, u64)> {
+    let mut parts = value.splitn(3, '.');
+    let (tag, issued, _mac) = (parts.next()?, parts.next()?, parts.next()?);
+    Some((tag, u64::from_str_radix(issued, 16).ok()?))
+}
+
+/// Whether `value`'s MAC is right under `secret`, compared in constant time.
+pub fn stamp_is_valid(secret: &[u8], value: &str) -> bool {
+    let Some((signed, tail)) = value.rsplit_once('.') else {
+        return false;
+    };
+    let Ok(given) = URL_SAFE_NO_PAD.decode(tail) else {
+        return false;
+    };
+    given.len() == TOKEN_BYTES
+        && mac(secret, STAMP_CONTEXT, signed.as_bytes())
+            .verify_truncated_left(&given)
+            .is_ok()
 }
 
 /// A short, keyed, one-way tag of the client's other cookies (its application session), so
@@ -136,6 +175,32 @@ mod tests {
     }
 
     #[test]
+    fn a_stamp_verifies_only_under_its_key_and_unchanged() {
+        let (key, other) = (b"secret-one-secret-one", b"secret-two-secret-two");
+        let tag = token(key, "a");
+        let v = stamp(key, &tag, 0x6000_0000);
+        assert_eq!(unstamp(&v), Some((tag.as_str(), 0x6000_0000)));
+        assert!(stamp_is_valid(key, &v));
+        assert!(!stamp_is_valid(other, &v));
+        let later = v.replace(".60000000.", ".70000000.");
+        assert!(
+            !stamp_is_valid(key, &later),
+            "the issue time is under the MAC"
+        );
+        for bad in [
+            "",
+            "x",
+            "a.b",
+            "a.zz.c",
+            &format!("{v}x"),
+            &v[..v.len() - 1],
+        ] {
+            assert!(!stamp_is_valid(key, bad), "{bad:?}");
+        }
+        assert_eq!(unstamp("a.zz.c"), None);
+    }
+
+    #[test]
     fn take_removes_ours_and_keeps_the_rest_verbatim() {
         let mut h = headers(&["a=1; stickylb=tok; b=\"q v\"", "c=3"]);
         assert_eq!(take(&mut h, "stickylb"), vec!["tok"]);
@@ -169,6 +234,7 @@ mod tests {
             secure: true,
             same_site: SameSite::Strict,
             max_age: Some(std::time::Duration::from_secs(3600)),
+            previous_secrets: Vec::new(),
         };
         let v = set_cookie(&cfg, "TOKEN");
         let c = Cookie::parse(v.to_str().expect("ascii")).expect("parses");

@@ -123,6 +123,8 @@ pub struct AffinityConfig {
     pub secure: bool,
     pub same_site: SameSite,
     pub max_age: Option<Duration>,
+    /// Keys that signed pins before a rotation: accepted, and re-issued under `secret`.
+    pub previous_secrets: Vec<Vec<u8>>,
 }
 
 impl fmt::Debug for AffinityConfig {
@@ -135,6 +137,7 @@ impl fmt::Debug for AffinityConfig {
             .field("secure", &self.secure)
             .field("same_site", &self.same_site)
             .field("max_age", &self.max_age)
+            .field("previous_secrets", &self.previous_secrets.len())
             .finish()
     }
 }
@@ -240,6 +243,7 @@ mod raw {
         pub same_site: Spanned<SameSite>,
         #[serde(with = "humantime_serde")]
         pub max_age: Option<Duration>,
+        pub previous_secrets: Vec<Spanned<String>>,
     }
 
     impl Default for Affinity {
@@ -251,6 +255,7 @@ mod raw {
                 secure: false,
                 same_site: Spanned::new(0..0, SameSite::Lax),
                 max_age: None,
+                previous_secrets: Vec::new(),
             }
         }
     }
@@ -515,11 +520,20 @@ fn affinity(
             .to_string();
         return Err(ctx.error(raw.same_site.span(), "affinity.same_site", msg));
     }
+    let short = |s: &Spanned<String>| s.get_ref().len() < 16;
+    let too_short = "too short: use at least 16 characters (32 random ones are best)";
+    if let Some(s) = raw.previous_secrets.iter().find(|s| short(s)) {
+        let msg = format!("a previous secret is {too_short}");
+        return Err(ctx.error(s.span(), "affinity.previous_secrets", msg));
+    }
+    let previous_secrets = raw.previous_secrets.into_iter();
+    let previous_secrets = previous_secrets
+        .map(|s| s.into_inner().into_bytes())
+        .collect();
     let (secret, secret_source) = match (env_secret.filter(|s| !s.is_empty()), raw.secret) {
         (Some(env), _) => (env.into_bytes(), SecretSource::Env),
-        (None, Some(s)) if s.get_ref().len() < 16 => {
-            let msg = "secret is too short: use at least 16 characters (32 random ones are best)"
-                .to_string();
+        (None, Some(s)) if short(&s) => {
+            let msg = format!("secret is {too_short}");
             return Err(ctx.error(s.span(), "affinity.secret", msg));
         }
         (None, Some(s)) => (s.into_inner().into_bytes(), SecretSource::File),
@@ -540,6 +554,7 @@ fn affinity(
         secure: raw.secure,
         same_site,
         max_age: raw.max_age,
+        previous_secrets,
     })
 }
 
@@ -790,6 +805,20 @@ weight = 3
         assert!(e.message.contains("1 to 1000"), "{e}");
         let e = err(&GOOD.replace("id = \"b\"", "id = \"\""));
         assert_eq!(e.key, "backends[1].id");
+    }
+
+    #[test]
+    fn previous_secrets_are_checked_like_the_secret() {
+        let src = GOOD.replace("[affinity]", "[affinity]\nprevious_secrets = [\"short\"]");
+        let e = err(&src);
+        assert_eq!(e.key, "affinity.previous_secrets", "{e}");
+        assert!(e.message.contains("16 characters"), "{e}");
+        let src = GOOD.replace(
+            "[affinity]",
+            "[affinity]\nprevious_secrets = [\"old-secret-0123456789\"]",
+        );
+        let c = Config::parse(&src, Path::new("t.toml"), None).expect("valid");
+        assert_eq!(c.affinity.previous_secrets, vec![b"old-secret-0123456789".to_vec()]);
     }
 
     #[test]

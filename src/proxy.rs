@@ -75,7 +75,11 @@ struct Exchange {
 /// Why a pin could not be honoured, for the failover audit event.
 fn unusable_pin_reason(routing: &Routing, pin: &Pin) -> &'static str {
     match pin {
-        Pin::Member(p) if routing.members[*p].backend.mode() == Mode::Maintenance => "maintenance",
+        Pin::Member { index, .. }
+            if routing.members[*index].backend.mode() == Mode::Maintenance =>
+        {
+            "maintenance"
+        }
         Pin::Retired(_) => "removed",
         _ => "down",
     }
@@ -144,7 +148,15 @@ impl Proxy {
         {
             return Err(ProxyError::BodyTooLarge);
         }
-        let pin = routing.pin(&affinity::take(&mut parts.headers, &routing.cookie_name));
+        let now = crate::backend::unix_ms() / 1000;
+        let pin = routing.pin(
+            &affinity::take(&mut parts.headers, &routing.cookie_name),
+            now,
+        );
+        let (pinned, renew) = match pin {
+            Pin::Member { index, renew } => (Some(index), renew),
+            _ => (None, false),
+        };
         headers::prepare_request(&mut parts, peer.ip());
         let body = Replayable::new(body, routing.max_body);
         // Replaying after bytes went out is safe only for idempotent requests without a body.
@@ -153,9 +165,11 @@ impl Proxy {
         let mut reason = unusable_pin_reason(routing, &pin);
         for idx in routing.candidates(&pin) {
             let member = &routing.members[idx];
-            let hit = pin == Pin::Member(idx);
+            let hit = pinned == Some(idx);
             let from = match &pin {
-                Pin::Member(p) if !hit => Some(routing.members[*p].backend.id.as_str()),
+                Pin::Member { index, .. } if !hit => {
+                    Some(routing.members[*index].backend.id.as_str())
+                }
                 Pin::Retired(id) => Some(id.as_str()),
                 _ => None,
             };
@@ -176,7 +190,8 @@ impl Proxy {
                     if let Some(old) = from {
                         self.audit(routing, &parts, old, member, reason);
                     }
-                    return Ok(respond(resp, guard, (!hit).then_some(member)));
+                    let pin_here = (!hit || renew).then(|| routing.set_cookie(idx, now));
+                    return Ok(respond(resp, guard, pin_here));
                 }
                 Ok(Err(e)) => e,
                 Err(_elapsed) => return Err(ProxyError::Timeout(timeout)),
@@ -295,12 +310,12 @@ fn upstream_request(
 fn respond(
     resp: Response<Incoming>,
     guard: crate::backend::InFlight,
-    pin: Option<&Member>,
+    set_cookie: Option<HeaderValue>,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
-    if let Some(member) = pin {
-        parts.headers.append(SET_COOKIE, member.set_cookie.clone());
+    if let Some(value) = set_cookie {
+        parts.headers.append(SET_COOKIE, value);
     }
     Response::from_parts(parts, ProxyBody::Upstream(body, guard))
 }

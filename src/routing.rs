@@ -9,7 +9,7 @@ use http::HeaderValue;
 use crate::affinity;
 use crate::backend::Backend;
 use crate::balancer::{LeastConnections, Loads, Policy, RoundRobin};
-use crate::config::{Algorithm, Config, TimeoutConfig};
+use crate::config::{AffinityConfig, Algorithm, Config, TimeoutConfig};
 
 /// A backend as this snapshot routes to it.
 #[derive(Debug)]
@@ -27,7 +27,12 @@ const MAX_RETIRED: usize = 256;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Pin {
     None,
-    Member(usize),
+    /// A valid pin to `members[index]`; `renew` when the cookie must be issued again (it was
+    /// signed with a previous secret, or is past half its `max_age`).
+    Member {
+        index: usize,
+        renew: bool,
+    },
     /// A backend a reload removed: its clients fail over like those of a dead backend.
     Retired(String),
 }
@@ -35,8 +40,12 @@ pub enum Pin {
 #[derive(Debug)]
 pub struct Routing {
     pub members: Vec<Member>,
-    /// Affinity cookie value -> index in `members`.
-    pins: HashMap<String, usize>,
+    /// Backend tag under each accepted key -> (index in `members`, key index; 0 is current).
+    pins: HashMap<String, (usize, usize)>,
+    /// The current secret, then the previous ones.
+    keys: Vec<Vec<u8>>,
+    /// Cookie attributes, for pins issued per response (with `max_age`).
+    affinity: AffinityConfig,
     /// Affinity cookie value -> id, for backends removed by recent reloads.
     retired: HashMap<String, String>,
     /// Keys the short session tags in failover audit events.
@@ -66,7 +75,11 @@ impl Routing {
     /// are unchanged, so health and counters survive a reload.
     pub fn build(cfg: &Config, previous: Option<&Routing>) -> Self {
         let mut members = Vec::with_capacity(cfg.backends.len());
-        let mut pins = HashMap::with_capacity(cfg.backends.len());
+        let keys: Vec<Vec<u8>> = std::iter::once(&cfg.affinity.secret)
+            .chain(&cfg.affinity.previous_secrets)
+            .cloned()
+            .collect();
+        let mut pins = HashMap::with_capacity(cfg.backends.len() * keys.len());
         for (i, b) in cfg.backends.iter().enumerate() {
             let kept = previous
                 .and_then(|p| p.find(&b.id))
@@ -80,7 +93,9 @@ impl Routing {
             };
             let token = affinity::token(&cfg.affinity.secret, &b.id);
             let set_cookie = affinity::set_cookie(&cfg.affinity, &token);
-            pins.insert(token, i);
+            for (k, key) in keys.iter().enumerate() {
+                pins.entry(affinity::token(key, &b.id)).or_insert((i, k));
+            }
             members.push(Member {
                 backend,
                 weight: b.weight.get(),
@@ -97,6 +112,8 @@ impl Routing {
         Self {
             members,
             pins,
+            keys,
+            affinity: cfg.affinity.clone(),
             retired,
             audit_key: cfg.affinity.secret.clone(),
             cookie_name: cfg.affinity.cookie.clone(),
@@ -118,7 +135,7 @@ impl Routing {
         let own = self
             .pins
             .iter()
-            .map(|(token, &i)| (token, &self.members[i].backend.id));
+            .map(|(token, &(i, _))| (token, &self.members[i].backend.id));
         own.chain(self.retired.iter())
             .filter(|(_, id)| !kept(id))
             .take(MAX_RETIRED)
@@ -126,27 +143,57 @@ impl Routing {
             .collect()
     }
 
-    /// The pin named by the first affinity value this proxy issued; values it did not issue
-    /// (garbage, forged, signed with another key) are ignored.
-    pub fn pin(&self, values: &[String]) -> Pin {
-        for v in values {
-            if let Some(&i) = self.pins.get(v) {
-                return Pin::Member(i);
+    /// The pin named by the first affinity value this proxy issued and still honours; values it
+    /// did not issue (garbage, forged, signed with an unknown key) or that expired are ignored.
+    /// `now` is unix seconds.
+    pub fn pin(&self, values: &[String], now: u64) -> Pin {
+        values
+            .iter()
+            .find_map(|v| self.read_pin(v, now))
+            .unwrap_or(Pin::None)
+    }
+
+    fn read_pin(&self, value: &str, now: u64) -> Option<Pin> {
+        let (tag, issued) = match self.affinity.max_age {
+            None => (value, None),
+            Some(_) => affinity::unstamp(value).map(|(t, at)| (t, Some(at)))?,
+        };
+        let Some(&(index, key)) = self.pins.get(tag) else {
+            return self.retired.get(tag).map(|id| Pin::Retired(id.clone()));
+        };
+        let mut renew = key != 0;
+        if let (Some(max_age), Some(issued)) = (self.affinity.max_age, issued) {
+            if !affinity::stamp_is_valid(&self.keys[key], value) {
+                return None;
             }
-            if let Some(id) = self.retired.get(v) {
-                return Pin::Retired(id.clone());
+            let age = now.saturating_sub(issued);
+            if age >= max_age.as_secs() {
+                return None;
             }
+            renew |= age.saturating_mul(2) >= max_age.as_secs();
         }
-        Pin::None
+        Some(Pin::Member { index, renew })
+    }
+
+    /// The `Set-Cookie` value that pins a client to `members[index]`, issued at `now` (unix
+    /// seconds) when pins expire, else precomputed.
+    pub fn set_cookie(&self, index: usize, now: u64) -> HeaderValue {
+        let member = &self.members[index];
+        if self.affinity.max_age.is_none() {
+            return member.set_cookie.clone();
+        }
+        let tag = affinity::token(&self.keys[0], &member.backend.id);
+        let value = affinity::stamp(&self.keys[0], &tag, now);
+        affinity::set_cookie(&self.affinity, &value)
     }
 
     /// Backends to try, best first: the pinned one if it may serve its clients, then the
     /// policy's order among backends taking new sessions, at most `attempts` in all.
     pub fn candidates(&self, pin: &Pin) -> Vec<usize> {
         let mut out = Vec::with_capacity(self.attempts);
-        if let Pin::Member(p) = *pin {
-            if self.members[p].backend.takes_pinned() {
-                out.push(p);
+        if let Pin::Member { index, .. } = *pin {
+            if self.members[index].backend.takes_pinned() {
+                out.push(index);
             }
         }
         let eligible = |i: usize| self.members[i].backend.takes_new();

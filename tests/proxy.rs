@@ -634,3 +634,96 @@ async fn bodies_over_the_limit_get_413() {
         "the backend never got more than the limit"
     );
 }
+
+fn unix_now() -> u64 {
+    stickylb::backend::unix_ms() / 1000
+}
+
+#[tokio::test]
+async fn with_max_age_the_proxy_refuses_expired_pins_and_renews_old_ones() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let toml = config(&[&a, &b], "").replace("[affinity]\n", "[affinity]\nmax_age = \"1h\"\n");
+    let proxy = Proxy::start(&format!("{toml}{QUIET_HEALTH}")).await;
+    let client = Clientele::new(proxy.addr);
+    let key = b"test-secret-0123456789";
+    let tag = stickylb::affinity::token(key, "b");
+    let stamped = |age: u64| stickylb::affinity::stamp(key, &tag, unix_now() - age);
+
+    let fresh = client.get("/", Some(&jar(&stamped(60)))).await;
+    assert_eq!(
+        (fresh.served_by(), fresh.pin()),
+        ("b", None),
+        "honoured, not renewed"
+    );
+
+    let old = client.get("/", Some(&jar(&stamped(40 * 60)))).await;
+    assert_eq!(old.served_by(), "b");
+    let renewed = old.pin().expect("past half its max_age: renewed");
+    let (renewed_tag, issued) = stickylb::affinity::unstamp(&renewed).unwrap();
+    assert_eq!(renewed_tag, tag);
+    assert!(issued + 5 >= unix_now());
+
+    let expired = stamped(2 * 60 * 60);
+    let tampered = stamped(2 * 60 * 60).replacen(
+        &format!(".{:x}.", unix_now() - 2 * 60 * 60),
+        &format!(".{:x}.", unix_now()),
+        1,
+    );
+    assert_ne!(tampered, expired);
+    // Draining b keeps honoured pins on b and sends new sessions to a: a refused pin shows.
+    let draining = stickylb::backend::Mode::Draining;
+    proxy.lb.backend("b").unwrap().set_mode(draining, "test");
+    assert_eq!(
+        client.get("/", Some(&jar(&stamped(60)))).await.served_by(),
+        "b"
+    );
+    for value in [expired, tampered, tag.clone()] {
+        let r = client.get("/", Some(&jar(&value))).await;
+        assert_eq!(r.served_by(), "a", "{value}: refused, so a new session");
+        let pin = r.pin().unwrap_or_else(|| panic!("{value}: re-pinned"));
+        assert_ne!(pin, value);
+        assert!(r.headers.get("x-stickylb-failover").is_none());
+    }
+    let set_cookie = fresh_cookie(&client).await;
+    assert!(set_cookie.contains("Max-Age=3600"), "{set_cookie}");
+}
+
+async fn fresh_cookie(client: &Clientele) -> String {
+    let r = client.get("/", None).await;
+    r.set_cookies().into_iter().next().unwrap()
+}
+
+#[tokio::test]
+async fn rotated_secrets_accept_old_pins_and_reissue_them_under_the_new_key() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let old_key = "test-secret-0123456789";
+    let rotated = config(&[&a, &b], QUIET_HEALTH).replace(
+        &format!("secret = \"{old_key}\""),
+        &format!("secret = \"new-secret-9876543210\"\nprevious_secrets = [\"{old_key}\"]"),
+    );
+    let proxy = Proxy::start(&rotated).await;
+    let client = Clientele::new(proxy.addr);
+    let old_pin = stickylb::affinity::token(old_key.as_bytes(), "b");
+    let r = client.get("/", Some(&jar(&old_pin))).await;
+    assert_eq!(r.served_by(), "b", "an old-key pin still routes");
+    let new_pin = stickylb::affinity::token(b"new-secret-9876543210", "b");
+    assert_eq!(
+        r.pin(),
+        Some(new_pin.clone()),
+        "and is re-issued under the new key"
+    );
+    let again = client.get("/", Some(&jar(&new_pin))).await;
+    assert_eq!((again.served_by(), again.pin()), ("b", None));
+
+    let unrotated = config(&[&a, &b], QUIET_HEALTH).replace(old_key, "new-secret-9876543210");
+    let strict = Proxy::start(&unrotated).await;
+    let r = Clientele::new(strict.addr)
+        .get("/", Some(&jar(&old_pin)))
+        .await;
+    assert_ne!(
+        r.pin(),
+        None,
+        "without previous_secrets the old pin is ignored"
+    );
+    assert_ne!(r.pin(), Some(old_pin));
+}
