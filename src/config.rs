@@ -112,6 +112,22 @@ impl fmt::Debug for AdminConfig {
 #[derive(Debug, Clone)]
 pub struct ListenerConfig {
     pub address: SocketAddr,
+    pub forwarding: ForwardingConfig,
+}
+
+/// Who may tell us about the client: forwarding headers from these peers are extended, from
+/// anyone else replaced.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ForwardingConfig {
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Also send RFC 7239 `Forwarded`.
+    pub forwarded: bool,
+}
+
+impl ForwardingConfig {
+    pub fn trusts(&self, peer: std::net::IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|net| net.contains(&peer))
+    }
 }
 
 #[derive(Clone)]
@@ -231,6 +247,10 @@ mod raw {
     #[serde(deny_unknown_fields)]
     pub struct Listener {
         pub address: Spanned<String>,
+        #[serde(default)]
+        pub trusted_proxies: Vec<Spanned<String>>,
+        #[serde(default)]
+        pub forwarded: bool,
     }
 
     #[derive(Deserialize)]
@@ -411,6 +431,10 @@ fn validate(
 ) -> Result<Config, ConfigError> {
     let listener = ListenerConfig {
         address: socket_addr(&raw.listener.address, "listener.address", ctx)?,
+        forwarding: ForwardingConfig {
+            trusted_proxies: trusted_proxies(&raw.listener.trusted_proxies, ctx)?,
+            forwarded: raw.listener.forwarded,
+        },
     };
     let admin = raw.admin.map(|a| admin(a, ctx)).transpose()?;
     let workers = raw.runtime.workers.map(|w| workers(&w, ctx)).transpose()?;
@@ -502,6 +526,23 @@ fn admin(raw: raw::Admin, ctx: &Ctx) -> Result<AdminConfig, ConfigError> {
         return Err(ctx.error(raw.address.span(), "admin.address", msg));
     }
     Ok(AdminConfig { address, token })
+}
+
+/// CIDR blocks (`10.0.0.0/8`, `fd00::/8`) or single addresses.
+fn trusted_proxies(raw: &[Spanned<String>], ctx: &Ctx) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    raw.iter()
+        .map(|s| {
+            let text = s.get_ref().trim();
+            text.parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    let msg = format!(
+                        "invalid network {text:?}: use CIDR notation (\"10.0.0.0/8\", \"fd00::/8\") or one address"
+                    );
+                    ctx.error(s.span(), "listener.trusted_proxies", msg)
+                })
+        })
+        .collect()
 }
 
 fn affinity(
@@ -808,6 +849,22 @@ weight = 3
     }
 
     #[test]
+    fn trusted_proxies_take_cidrs_or_addresses() {
+        let with = |list: &str| {
+            GOOD.replace(
+                "[listener]",
+                &format!("[listener]\ntrusted_proxies = [{list}]"),
+            )
+        };
+        let c = Config::parse(&with("\"10.0.0.0/8\", \"::1\""), Path::new("t.toml"), None);
+        let nets = c.expect("valid").listener.forwarding.trusted_proxies;
+        assert_eq!(nets.len(), 2);
+        let e = err(&with("\"10.0.0.0/33\""));
+        assert_eq!(e.key, "listener.trusted_proxies", "{e}");
+        assert!(e.message.contains("CIDR"), "{e}");
+    }
+
+    #[test]
     fn previous_secrets_are_checked_like_the_secret() {
         let src = GOOD.replace("[affinity]", "[affinity]\nprevious_secrets = [\"short\"]");
         let e = err(&src);
@@ -818,7 +875,10 @@ weight = 3
             "[affinity]\nprevious_secrets = [\"old-secret-0123456789\"]",
         );
         let c = Config::parse(&src, Path::new("t.toml"), None).expect("valid");
-        assert_eq!(c.affinity.previous_secrets, vec![b"old-secret-0123456789".to_vec()]);
+        assert_eq!(
+            c.affinity.previous_secrets,
+            vec![b"old-secret-0123456789".to_vec()]
+        );
     }
 
     #[test]

@@ -6,12 +6,15 @@ use std::net::IpAddr;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 
+use crate::config::ForwardingConfig;
+
 /// Tells the backend that the client was pinned to another backend that is now unusable, so it
 /// can pull the session from the shared store before handling the request.
 pub const FAILOVER: HeaderName = HeaderName::from_static("x-stickylb-failover");
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// Headers that describe one connection, not the message (RFC 9110 section 7.6.1).
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -40,10 +43,20 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
+/// What this hop knows about the client's connection.
+pub struct Hop<'a> {
+    pub peer: IpAddr,
+    /// `http` or `https`, as the client connected.
+    pub proto: &'static str,
+    pub forwarding: &'a ForwardingConfig,
+}
+
 /// Prepares a client request for the backend: Host preserved (taken from the HTTP/2 authority if
-/// needed), hop-by-hop headers removed, and `X-Forwarded-*` set to what this proxy saw. Incoming
-/// `X-Forwarded-*` values are replaced, not extended: a client could write anything there.
-pub fn prepare_request(parts: &mut Parts, peer: IpAddr) {
+/// needed), hop-by-hop headers removed, and the forwarding headers (`X-Forwarded-For`, `-Proto`,
+/// `-Host`, `X-Real-IP`, and `Forwarded` when enabled) set. From an untrusted peer whatever it
+/// sent in them is replaced with what this proxy saw: a client could write anything there. From a
+/// trusted proxy the chain is extended and its view of proto, host and client is kept.
+pub fn prepare_request(parts: &mut Parts, hop: &Hop<'_>) {
     remove_hop_by_hop(&mut parts.headers);
     if !parts.headers.contains_key(header::HOST) {
         if let Some(v) = parts
@@ -54,16 +67,80 @@ pub fn prepare_request(parts: &mut Parts, peer: IpAddr) {
             parts.headers.insert(header::HOST, v);
         }
     }
-    match parts.headers.get(header::HOST).cloned() {
-        Some(host) => parts.headers.insert(X_FORWARDED_HOST, host),
-        None => parts.headers.remove(X_FORWARDED_HOST),
+    let host = parts.headers.get(header::HOST).cloned();
+    let element = hop
+        .forwarding
+        .forwarded
+        .then(|| forwarded_element(hop, host.as_ref()));
+    let h = &mut parts.headers;
+    let peer = HeaderValue::from(IpHeader(hop.peer));
+    if hop.forwarding.trusts(hop.peer) {
+        append_to_chain(h, X_FORWARDED_FOR, &peer);
+        if let Some(element) = element.or_else(|| {
+            h.contains_key(header::FORWARDED)
+                .then(|| forwarded_element(hop, host.as_ref()))
+        }) {
+            append_to_chain(h, header::FORWARDED, &element);
+        }
+        keep_or_set(
+            h,
+            X_FORWARDED_PROTO,
+            Some(HeaderValue::from_static(hop.proto)),
+        );
+        keep_or_set(h, X_FORWARDED_HOST, host);
+        keep_or_set(h, X_REAL_IP, Some(peer));
+        return;
+    }
+    h.insert(X_FORWARDED_FOR, peer.clone());
+    h.insert(X_REAL_IP, peer);
+    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(hop.proto));
+    match host {
+        Some(host) => h.insert(X_FORWARDED_HOST, host),
+        None => h.remove(X_FORWARDED_HOST),
     };
-    parts
-        .headers
-        .insert(X_FORWARDED_FOR, HeaderValue::from(IpHeader(peer)));
-    parts
-        .headers
-        .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    match element {
+        Some(element) => h.insert(header::FORWARDED, element),
+        None => h.remove(header::FORWARDED),
+    };
+}
+
+/// `existing, value` as one header (all copies joined), or `value` when there was none.
+fn append_to_chain(h: &mut HeaderMap, name: HeaderName, value: &HeaderValue) {
+    let prior: Vec<&[u8]> = h.get_all(&name).iter().map(HeaderValue::as_bytes).collect();
+    let mut joined = prior.join(&b", "[..]);
+    if !joined.is_empty() {
+        joined.extend_from_slice(b", ");
+    }
+    joined.extend_from_slice(value.as_bytes());
+    // Joined from valid values with ", ": still a valid value.
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        h.insert(name, v);
+    }
+}
+
+fn keep_or_set(h: &mut HeaderMap, name: HeaderName, value: Option<HeaderValue>) {
+    if let (false, Some(v)) = (h.contains_key(&name), value) {
+        h.insert(name, v);
+    }
+}
+
+/// One RFC 7239 element: `for=...;proto=...;host=...`, IPv6 bracketed and quoted, and a host
+/// quoted when it is not a token (a port's colon).
+fn forwarded_element(hop: &Hop<'_>, host: Option<&HeaderValue>) -> HeaderValue {
+    let node = match hop.peer {
+        IpAddr::V4(ip) => ip.to_string(),
+        IpAddr::V6(ip) => format!("\"[{ip}]\""),
+    };
+    let mut s = format!("for={node};proto={}", hop.proto);
+    if let Some(host) = host.and_then(|h| h.to_str().ok()) {
+        let token = host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b));
+        let quote = |v: &str| format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""));
+        let host = if token { host.to_string() } else { quote(host) };
+        s.push_str(&format!(";host={host}"));
+    }
+    HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("for=unknown"))
 }
 
 struct IpHeader(IpAddr);
@@ -108,28 +185,92 @@ mod tests {
         assert_eq!(left, vec!["x-kept"]);
     }
 
+    fn hop(peer: &str, trusted: &[&str], forwarded: bool) -> (IpAddr, ForwardingConfig) {
+        let forwarding = ForwardingConfig {
+            trusted_proxies: trusted.iter().map(|n| n.parse().expect("cidr")).collect(),
+            forwarded,
+        };
+        (peer.parse().expect("ip"), forwarding)
+    }
+
+    fn prepared(headers: &[(&str, &str)], peer: &str, trusted: &[&str], fwd: bool) -> HeaderMap {
+        let mut p = parts(headers, "/");
+        let (peer, forwarding) = hop(peer, trusted, fwd);
+        let hop = Hop {
+            peer,
+            proto: "http",
+            forwarding: &forwarding,
+        };
+        prepare_request(&mut p, &hop);
+        p.headers
+    }
+
+    const CLAIMS: [(&str, &str); 6] = [
+        ("host", "shop.example"),
+        ("x-forwarded-for", "6.6.6.6"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "evil.example"),
+        ("x-real-ip", "6.6.6.6"),
+        ("forwarded", "for=6.6.6.6"),
+    ];
+
+    fn get<'a>(h: &'a HeaderMap, name: &str) -> Vec<&'a str> {
+        h.get_all(name)
+            .iter()
+            .map(|v| v.to_str().expect("ascii"))
+            .collect()
+    }
+
     #[test]
-    fn forwarded_headers_replace_what_the_client_claimed() {
-        let mut p = parts(
-            &[
-                ("host", "shop.example"),
-                ("x-forwarded-for", "6.6.6.6"),
-                ("x-forwarded-proto", "https"),
-            ],
-            "/",
+    fn an_untrusted_peer_gets_its_claims_replaced() {
+        for trusted in [&[][..], &["10.0.0.0/8"][..]] {
+            let h = prepared(&CLAIMS, "192.0.2.7", trusted, false);
+            assert_eq!(get(&h, "x-forwarded-for"), ["192.0.2.7"]);
+            assert_eq!(get(&h, "x-real-ip"), ["192.0.2.7"]);
+            assert_eq!(get(&h, "x-forwarded-proto"), ["http"]);
+            assert_eq!(get(&h, "x-forwarded-host"), ["shop.example"]);
+            assert!(
+                get(&h, "forwarded").is_empty(),
+                "a spoofed Forwarded is dropped"
+            );
+        }
+        let h = prepared(&CLAIMS, "192.0.2.7", &[], true);
+        assert_eq!(
+            get(&h, "forwarded"),
+            ["for=192.0.2.7;proto=http;host=shop.example"]
         );
-        prepare_request(&mut p, "10.1.2.3".parse().expect("ip"));
-        assert_eq!(p.headers["host"], "shop.example");
-        assert_eq!(p.headers["x-forwarded-host"], "shop.example");
-        assert_eq!(p.headers["x-forwarded-for"], "10.1.2.3");
-        assert_eq!(p.headers["x-forwarded-proto"], "http");
-        assert_eq!(p.headers.get_all("x-forwarded-for").iter().count(), 1);
+    }
+
+    #[test]
+    fn a_trusted_proxy_has_its_chain_extended_and_its_view_kept() {
+        let h = prepared(&CLAIMS, "10.1.2.3", &["10.0.0.0/8"], false);
+        assert_eq!(get(&h, "x-forwarded-for"), ["6.6.6.6, 10.1.2.3"]);
+        assert_eq!(get(&h, "x-real-ip"), ["6.6.6.6"]);
+        assert_eq!(get(&h, "x-forwarded-proto"), ["https"]);
+        assert_eq!(get(&h, "x-forwarded-host"), ["evil.example"]);
+        assert_eq!(
+            get(&h, "forwarded"),
+            ["for=6.6.6.6, for=10.1.2.3;proto=http;host=shop.example"]
+        );
+        let bare = prepared(&[("host", "a.example:8080")], "::1", &["::1/128"], true);
+        assert_eq!(get(&bare, "x-forwarded-for"), ["::1"]);
+        assert_eq!(get(&bare, "x-real-ip"), ["::1"]);
+        assert_eq!(
+            get(&bare, "forwarded"),
+            ["for=\"[::1]\";proto=http;host=\"a.example:8080\""]
+        );
     }
 
     #[test]
     fn http2_authority_becomes_host() {
         let mut p = parts(&[], "http://shop.example:8080/cart");
-        prepare_request(&mut p, "::1".parse().expect("ip"));
+        let (peer, forwarding) = hop("::1", &[], false);
+        let hop = Hop {
+            peer,
+            proto: "http",
+            forwarding: &forwarding,
+        };
+        prepare_request(&mut p, &hop);
         assert_eq!(p.headers["host"], "shop.example:8080");
         assert_eq!(p.headers["x-forwarded-for"], "::1");
     }

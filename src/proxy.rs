@@ -157,7 +157,12 @@ impl Proxy {
             Pin::Member { index, renew } => (Some(index), renew),
             _ => (None, false),
         };
-        headers::prepare_request(&mut parts, peer.ip());
+        let hop = headers::Hop {
+            peer: peer.ip(),
+            proto: "http",
+            forwarding: &routing.forwarding,
+        };
+        headers::prepare_request(&mut parts, &hop);
         let body = Replayable::new(body, routing.max_body);
         // Replaying after bytes went out is safe only for idempotent requests without a body.
         let replayable = body.is_empty() && is_idempotent(&parts.method);

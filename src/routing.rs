@@ -9,7 +9,7 @@ use http::HeaderValue;
 use crate::affinity;
 use crate::backend::Backend;
 use crate::balancer::{LeastConnections, Loads, Policy, RoundRobin};
-use crate::config::{AffinityConfig, Algorithm, Config, TimeoutConfig};
+use crate::config::{AffinityConfig, Algorithm, Config, ForwardingConfig, TimeoutConfig};
 
 /// A backend as this snapshot routes to it.
 #[derive(Debug)]
@@ -46,6 +46,7 @@ pub struct Routing {
     keys: Vec<Vec<u8>>,
     /// Cookie attributes, for pins issued per response (with `max_age`).
     affinity: AffinityConfig,
+    pub forwarding: ForwardingConfig,
     /// Affinity cookie value -> id, for backends removed by recent reloads.
     retired: HashMap<String, String>,
     /// Keys the short session tags in failover audit events.
@@ -114,6 +115,7 @@ impl Routing {
             pins,
             keys,
             affinity: cfg.affinity.clone(),
+            forwarding: cfg.listener.forwarding.clone(),
             retired,
             audit_key: cfg.affinity.secret.clone(),
             cookie_name: cfg.affinity.cookie.clone(),

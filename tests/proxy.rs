@@ -727,3 +727,40 @@ async fn rotated_secrets_accept_old_pins_and_reissue_them_under_the_new_key() {
     );
     assert_ne!(r.pin(), Some(old_pin));
 }
+
+#[tokio::test]
+async fn forwarding_headers_are_extended_only_for_trusted_proxies() {
+    let a = Upstream::start("a").await;
+    let claims = [
+        ("x-forwarded-for", "203.0.113.9"),
+        ("x-real-ip", "203.0.113.9"),
+        ("forwarded", "for=203.0.113.9"),
+    ];
+    let seen = |trusted: &'static str| {
+        let a = &a;
+        async move {
+            let toml = config(&[a], QUIET_HEALTH).replace(
+                "address = \"127.0.0.1:0\"\n",
+                &format!(
+                    "address = \"127.0.0.1:0\"\ntrusted_proxies = [{trusted}]\nforwarded = true\n"
+                ),
+            );
+            let proxy = Proxy::start(&toml).await;
+            Clientele::new(proxy.addr)
+                .send_with("GET", "/", &claims, "")
+                .await;
+            a.seen().pop().unwrap().headers
+        }
+    };
+    let h = seen("").await;
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h["x-real-ip"], "127.0.0.1");
+    assert_eq!(h["forwarded"], "for=127.0.0.1;proto=http;host=app.test");
+    let h = seen("\"127.0.0.0/8\"").await;
+    assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(h["x-real-ip"], "203.0.113.9");
+    assert_eq!(
+        h["forwarded"],
+        "for=203.0.113.9, for=127.0.0.1;proto=http;host=app.test"
+    );
+}
