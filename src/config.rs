@@ -113,6 +113,8 @@ impl fmt::Debug for AdminConfig {
 pub struct ListenerConfig {
     pub address: SocketAddr,
     pub forwarding: ForwardingConfig,
+    /// TLS termination; absent means plain HTTP (HTTP/1.1 and h2c).
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 /// Who may tell us about the client: forwarding headers from these peers are extended, from
@@ -251,6 +253,14 @@ mod raw {
         pub trusted_proxies: Vec<Spanned<String>>,
         #[serde(default)]
         pub forwarded: bool,
+        pub tls: Option<Tls>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Tls {
+        pub cert: Spanned<String>,
+        pub key: Spanned<String>,
     }
 
     #[derive(Deserialize)]
@@ -435,6 +445,7 @@ fn validate(
             trusted_proxies: trusted_proxies(&raw.listener.trusted_proxies, ctx)?,
             forwarded: raw.listener.forwarded,
         },
+        tls: raw.listener.tls.map(|t| tls(t, ctx)).transpose()?,
     };
     let admin = raw.admin.map(|a| admin(a, ctx)).transpose()?;
     let workers = raw.runtime.workers.map(|w| workers(&w, ctx)).transpose()?;
@@ -458,7 +469,9 @@ fn validate(
             None => None,
         },
     };
-    let affinity = affinity(raw.affinity, ctx, env_secret)?;
+    let mut affinity = affinity(raw.affinity, ctx, env_secret)?;
+    // Under TLS the pin never travels in clear text, whatever the file says.
+    affinity.secure |= listener.tls.is_some();
     let health = health(raw.health, ctx)?;
     let retries = *raw.balancer.retries.get_ref();
     if retries > 16 {
@@ -526,6 +539,20 @@ fn admin(raw: raw::Admin, ctx: &Ctx) -> Result<AdminConfig, ConfigError> {
         return Err(ctx.error(raw.address.span(), "admin.address", msg));
     }
     Ok(AdminConfig { address, token })
+}
+
+/// Paths are relative to the config file's directory.
+fn tls(raw: raw::Tls, ctx: &Ctx) -> Result<crate::tls::TlsConfig, ConfigError> {
+    let dir = ctx.file.parent().unwrap_or(Path::new("."));
+    let (cert, key) = (dir.join(raw.cert.get_ref()), dir.join(raw.key.get_ref()));
+    crate::tls::TlsConfig::load(cert, key).map_err(|e| {
+        let span = if e.which == "cert" {
+            raw.cert.span()
+        } else {
+            raw.key.span()
+        };
+        ctx.error(span, &format!("listener.tls.{}", e.which), e.message)
+    })
 }
 
 /// CIDR blocks (`10.0.0.0/8`, `fd00::/8`) or single addresses.

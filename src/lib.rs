@@ -10,11 +10,12 @@
 //! - [`health`]: the pure rise/fall state machine.
 //! - [`heartbeat`]: probe tasks that feed the health machine.
 //! - [`proxy`]: the forwarding loop: candidates in order, bounded attempts, re-pin on failover.
-//! - [`headers`]: hop-by-hop removal and `X-Forwarded-*`.
+//! - [`headers`]: hop-by-hop removal and the forwarding headers (trusted proxies, `Forwarded`).
 //! - [`validate`]: refuses ambiguous or hostile requests before anything is forwarded.
 //! - [`body`]: streaming request/response bodies, replayable until first read.
 //! - [`error`]: the one mapping from failures to 502/503/504.
-//! - [`server`]: accept loop, HTTP/1.1 + h2c, graceful shutdown.
+//! - [`server`]: accept loop, HTTP/1.1 + HTTP/2 (h2c, or TLS with ALPN), graceful shutdown.
+//! - [`tls`]: loading the certificate and key into a rustls configuration.
 //! - [`admin`]: the admin listener: status, drain/maintenance/enable, reload, metrics, dashboard.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`reload`]: hot reload (file watch, API; SIGHUP in `main`), swapping the snapshot whole.
@@ -36,6 +37,7 @@ pub mod proxy;
 pub mod reload;
 pub mod routing;
 pub mod server;
+pub mod tls;
 pub mod validate;
 
 use std::future::Future;
@@ -121,6 +123,12 @@ impl Stickylb {
             shutdown_grace: self.config.timeouts.shutdown_grace,
             max_connections: self.config.limits.max_connections,
             max_header_bytes: self.config.limits.max_header_bytes,
+            tls: self
+                .config
+                .listener
+                .tls
+                .as_ref()
+                .map(|t| Arc::clone(&t.server)),
         };
         server::serve(listener, proxy, settings, shutdown).await;
         watcher.abort();

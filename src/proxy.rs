@@ -98,11 +98,13 @@ impl Proxy {
         }
     }
 
-    /// Serves one client request; never fails, errors become responses here.
+    /// Serves one client request; never fails, errors become responses here. `proto` is how the
+    /// client connected: `http` or `https`.
     pub async fn handle(
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
+        proto: &'static str,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let started = Instant::now();
         let (method, path) = (req.method().clone(), req.uri().path().to_owned());
@@ -111,7 +113,12 @@ impl Proxy {
             backend: None,
             affinity: AffinityOutcome::New,
         };
-        let resp = match self.forward(&routing, req, peer, &mut ex).await {
+        let hop = headers::Hop {
+            peer: peer.ip(),
+            proto,
+            forwarding: &routing.forwarding,
+        };
+        let resp = match self.forward(&routing, req, &hop, &mut ex).await {
             Ok(resp) => resp,
             Err(e) => {
                 tracing::warn!(method = %method, path, error = %chain(&e), "request failed");
@@ -137,7 +144,7 @@ impl Proxy {
         &self,
         routing: &Routing,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        hop: &headers::Hop<'_>,
         ex: &mut Exchange,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
@@ -157,12 +164,7 @@ impl Proxy {
             Pin::Member { index, renew } => (Some(index), renew),
             _ => (None, false),
         };
-        let hop = headers::Hop {
-            peer: peer.ip(),
-            proto: "http",
-            forwarding: &routing.forwarding,
-        };
-        headers::prepare_request(&mut parts, &hop);
+        headers::prepare_request(&mut parts, hop);
         let body = Replayable::new(body, routing.max_body);
         // Replaying after bytes went out is safe only for idempotent requests without a body.
         let replayable = body.is_empty() && is_idempotent(&parts.method);

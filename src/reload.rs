@@ -128,6 +128,11 @@ fn warn_restart_needed(old: &Config, new: &Config) {
             old.listener.address != new.listener.address,
         ),
         (
+            "listener.tls",
+            old.listener.tls.as_ref().map(|t| (&t.cert, &t.key))
+                != new.listener.tls.as_ref().map(|t| (&t.cert, &t.key)),
+        ),
+        (
             "admin",
             old.admin.as_ref().map(|a| a.address) != new.admin.as_ref().map(|a| a.address),
         ),

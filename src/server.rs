@@ -1,6 +1,6 @@
 //! The client-facing listener: accepts connections on an already-bound socket, serves HTTP/1.1
-//! and h2c on each, and on shutdown stops accepting and lets in-flight requests finish within
-//! the grace period.
+//! and HTTP/2 on each (h2c, or over TLS with ALPN), and on shutdown stops accepting and lets
+//! in-flight requests finish within the grace period.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -9,8 +9,10 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 
 use crate::proxy::Proxy;
 
@@ -23,6 +25,8 @@ pub struct ServerSettings {
     pub shutdown_grace: Duration,
     pub max_connections: usize,
     pub max_header_bytes: usize,
+    /// TLS termination; the handshake must finish within `client_header_timeout`.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 pub async fn serve(
@@ -39,6 +43,7 @@ pub async fn serve(
         .max_buf_size(settings.max_header_bytes);
     builder.http2().timer(TokioTimer::new());
     let builder = Arc::new(builder);
+    let tls = settings.tls.clone().map(TlsAcceptor::from);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     // Back-pressure: at the connection limit, stop accepting until a connection closes; new
@@ -66,17 +71,17 @@ pub async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "set_nodelay failed");
         }
-        let proxy = Arc::clone(&proxy);
-        let builder = Arc::clone(&builder);
-        let watcher = graceful.watcher();
+        let conn = Conn {
+            proxy: Arc::clone(&proxy),
+            builder: Arc::clone(&builder),
+            watcher: graceful.watcher(),
+            peer,
+        };
+        let (tls, handshake) = (tls.clone(), settings.client_header_timeout);
         tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let proxy = Arc::clone(&proxy);
-                async move { proxy.handle(req, peer).await }
-            });
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+            match tls {
+                None => conn.serve(stream, "http").await,
+                Some(acceptor) => conn.serve_tls(acceptor, stream, handshake).await,
             }
             drop(slot);
         });
@@ -89,5 +94,41 @@ pub async fn serve(
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections closed"),
         () = tokio::time::sleep(settings.shutdown_grace) => tracing::warn!("grace period over; closing the remaining connections"),
+    }
+}
+
+/// One accepted client connection and what serving it needs.
+struct Conn {
+    proxy: Arc<Proxy>,
+    builder: Arc<Builder<TokioExecutor>>,
+    watcher: Watcher,
+    peer: std::net::SocketAddr,
+}
+
+impl Conn {
+    async fn serve_tls(self, acceptor: TlsAcceptor, stream: TcpStream, limit: Duration) {
+        match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => self.serve(tls, "https").await,
+            Ok(Err(e)) => tracing::debug!(peer = %self.peer, error = %e, "TLS handshake failed"),
+            Err(_) => tracing::debug!(peer = %self.peer, "TLS handshake timed out"),
+        }
+    }
+
+    /// Serves HTTP/1.1 or HTTP/2 (by preface; under TLS ALPN has agreed on it) with upgrades.
+    async fn serve<I>(self, io: I, proto: &'static str)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (proxy, peer) = (self.proxy, self.peer);
+        let svc = service_fn(move |req| {
+            let proxy = Arc::clone(&proxy);
+            async move { proxy.handle(req, peer, proto).await }
+        });
+        let conn = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(io), svc);
+        if let Err(e) = self.watcher.watch(conn.into_owned()).await {
+            tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+        }
     }
 }
