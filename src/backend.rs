@@ -212,6 +212,12 @@ impl Backend {
 #[derive(Debug)]
 pub struct InFlight(Arc<Backend>);
 
+impl InFlight {
+    pub fn backend_id(&self) -> &str {
+        &self.0.id
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::Relaxed);

@@ -181,6 +181,8 @@ pub struct TimeoutConfig {
     pub backend_connect: Duration,
     pub backend_response: Duration,
     pub shutdown_grace: Duration,
+    /// An upgraded connection (WebSocket) with no bytes either way for this long is closed.
+    pub tunnel_idle: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -341,6 +343,8 @@ mod raw {
         pub backend_response: Duration,
         #[serde(with = "humantime_serde")]
         pub shutdown_grace: Duration,
+        #[serde(with = "humantime_serde")]
+        pub tunnel_idle: Duration,
     }
 
     impl Default for Timeouts {
@@ -350,6 +354,7 @@ mod raw {
                 backend_connect: Duration::from_secs(2),
                 backend_response: Duration::from_secs(30),
                 shutdown_grace: Duration::from_secs(10),
+                tunnel_idle: Duration::from_secs(3600),
             }
         }
     }
@@ -666,6 +671,7 @@ fn timeouts(raw: raw::Timeouts, ctx: &Ctx) -> Result<TimeoutConfig, ConfigError>
         ("timeouts.client_header", raw.client_header),
         ("timeouts.backend_connect", raw.backend_connect),
         ("timeouts.backend_response", raw.backend_response),
+        ("timeouts.tunnel_idle", raw.tunnel_idle),
     ];
     for (key, value) in all {
         if value < Duration::from_millis(1) {
@@ -677,6 +683,7 @@ fn timeouts(raw: raw::Timeouts, ctx: &Ctx) -> Result<TimeoutConfig, ConfigError>
         backend_connect: raw.backend_connect,
         backend_response: raw.backend_response,
         shutdown_grace: raw.shutdown_grace,
+        tunnel_idle: raw.tunnel_idle,
     })
 }
 

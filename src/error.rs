@@ -14,6 +14,8 @@ pub enum ProxyError {
     NoBackend,
     #[error("upstream request failed")]
     Upstream(#[source] hyper_util::client::legacy::Error),
+    #[error("upstream switched protocols though the client asked for no upgrade")]
+    UnaskedSwitch,
     #[error("upstream did not answer within {0:?}")]
     Timeout(Duration),
     #[error("request refused: {0}")]
@@ -26,7 +28,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Upstream(_) => StatusCode::BAD_GATEWAY,
+            Self::Upstream(_) | Self::UnaskedSwitch => StatusCode::BAD_GATEWAY,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Refused(crate::validate::Rejection::Connect) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Refused(_) => StatusCode::BAD_REQUEST,
@@ -40,7 +42,9 @@ impl ProxyError {
         let refused = matches!(self, Self::Refused(_) | Self::BodyTooLarge);
         let text = match self {
             Self::NoBackend => "503 Service Unavailable: no backend is available\n",
-            Self::Upstream(_) => "502 Bad Gateway: the upstream server failed\n",
+            Self::Upstream(_) | Self::UnaskedSwitch => {
+                "502 Bad Gateway: the upstream server failed\n"
+            }
             Self::Timeout(_) => "504 Gateway Timeout: the upstream server did not answer in time\n",
             Self::Refused(crate::validate::Rejection::Connect) => "405 Method Not Allowed\n",
             Self::Refused(_) => "400 Bad Request\n",

@@ -43,6 +43,26 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
+/// The protocol an HTTP/1.1 request asks to switch to (`Upgrade`, with `upgrade` among the
+/// `Connection` tokens), such as `websocket`.
+pub fn upgrade_requested(parts: &Parts) -> Option<HeaderValue> {
+    let asks = parts
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let h1 = parts.version == http::Version::HTTP_11;
+    (asks && h1).then(|| parts.headers.get(header::UPGRADE).cloned())?
+}
+
+/// Puts back the two headers hop-by-hop removal took, for a request or a 101 that switches.
+pub fn keep_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, protocol);
+}
+
 /// What this hop knows about the client's connection.
 pub struct Hop<'a> {
     pub peer: IpAddr,

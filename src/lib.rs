@@ -16,6 +16,7 @@
 //! - [`error`]: the one mapping from failures to 502/503/504.
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2 (h2c, or TLS with ALPN), graceful shutdown.
 //! - [`tls`]: loading the certificate and key into a rustls configuration.
+//! - [`tunnel`]: relaying upgraded connections (WebSocket) with an idle timeout.
 //! - [`admin`]: the admin listener: status, drain/maintenance/enable, reload, metrics, dashboard.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`reload`]: hot reload (file watch, API; SIGHUP in `main`), swapping the snapshot whole.
@@ -38,6 +39,7 @@ pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod tls;
+pub mod tunnel;
 pub mod validate;
 
 use std::future::Future;

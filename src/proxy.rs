@@ -7,11 +7,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use http::header::{CONTENT_LENGTH, COOKIE, SET_COOKIE};
+use http::header::{CONTENT_LENGTH, COOKIE, SET_COOKIE, UPGRADE};
 use http::request::Parts;
 use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderValue, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -164,7 +165,14 @@ impl Proxy {
             Pin::Member { index, renew } => (Some(index), renew),
             _ => (None, false),
         };
+        let upgrade = headers::upgrade_requested(&parts);
+        let mut client_upgrade = upgrade
+            .as_ref()
+            .and_then(|_| parts.extensions.remove::<OnUpgrade>());
         headers::prepare_request(&mut parts, hop);
+        if let Some(protocol) = upgrade {
+            headers::keep_upgrade(&mut parts.headers, protocol);
+        }
         let body = Replayable::new(body, routing.max_body);
         // Replaying after bytes went out is safe only for idempotent requests without a body.
         let replayable = body.is_empty() && is_idempotent(&parts.method);
@@ -198,6 +206,11 @@ impl Proxy {
                         self.audit(routing, &parts, old, member, reason);
                     }
                     let pin_here = (!hit || renew).then(|| routing.set_cookie(idx, now));
+                    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                        let client = client_upgrade.take().ok_or(ProxyError::UnaskedSwitch)?;
+                        let idle = routing.timeouts.tunnel_idle;
+                        return Ok(switch(resp, guard, pin_here, client, idle));
+                    }
                     return Ok(respond(resp, guard, pin_here));
                 }
                 Ok(Err(e)) => e,
@@ -312,6 +325,33 @@ fn upstream_request(
         }
     }
     req
+}
+
+/// Answers 101 to the client and relays the two upgraded connections in their own task, which
+/// keeps the backend's in-flight count up while the tunnel lives.
+fn switch(
+    mut resp: Response<Incoming>,
+    guard: crate::backend::InFlight,
+    set_cookie: Option<HeaderValue>,
+    client: OnUpgrade,
+    idle: Duration,
+) -> Response<ProxyBody> {
+    let upstream = hyper::upgrade::on(&mut resp);
+    let (mut parts, _empty) = resp.into_parts();
+    let protocol = parts.headers.get(UPGRADE).cloned();
+    headers::remove_hop_by_hop(&mut parts.headers);
+    if let Some(protocol) = protocol {
+        headers::keep_upgrade(&mut parts.headers, protocol);
+    }
+    if let Some(value) = set_cookie {
+        parts.headers.append(SET_COOKIE, value);
+    }
+    tokio::spawn(async move {
+        let backend = guard.backend_id().to_string();
+        crate::tunnel::relay(client, upstream, idle, backend).await;
+        drop(guard);
+    });
+    Response::from_parts(parts, ProxyBody::local(""))
 }
 
 fn respond(
