@@ -190,3 +190,97 @@ fn sighup_reloads_the_configuration() {
         .success());
     assert!(child.wait().unwrap().success(), "SIGTERM is a clean exit");
 }
+
+/// Kills the process when the test ends, even by a failed assertion.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        self.0.kill().ok();
+        self.0.wait().ok();
+    }
+}
+
+/// A plain GET with `Connection: close`; the reply text, or None if nothing answered in 2 s.
+fn get(port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .ok()?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+/// User plus system CPU time of a process, in clock ticks (`/proc/PID/stat` fields 14 and 15).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_name.split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn running_out_of_file_descriptors_neither_kills_nor_spins_the_accept_loop() {
+    let port = free_port();
+    let cfg = format!(
+        "[listener]\naddress = \"127.0.0.1:{port}\"\n[health]\ninterval = \"1h\"\n\
+         [[backends]]\nid = \"a\"\naddress = \"127.0.0.1:1\"\n"
+    );
+    let path = write("fds.toml", &cfg);
+    let log = path.with_extension("log");
+    // 64 descriptors: enough to start, far too few for 120 clients.
+    let mut child = Reaped(
+        Command::new("sh")
+            .args(["-c", "ulimit -n 64 && exec \"$0\" --config \"$1\""])
+            .arg(env!("CARGO_BIN_EXE_stickylb"))
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut child.0;
+    wait_for("the proxy answers", || get(port).is_some());
+    // Connections past the kernel's accept backlog may time out; enough get through to starve.
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let clients: Vec<std::net::TcpStream> = (0..120)
+        .filter_map(|_| {
+            std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(500)).ok()
+        })
+        .collect();
+    assert!(
+        clients.len() > 64,
+        "only {} clients connected",
+        clients.len()
+    );
+    let exhausted = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("accept failed")
+    };
+    wait_for("accept failing for lack of descriptors", exhausted);
+    let before = cpu_ticks(child.id());
+    // A measurement window, not a synchronisation: how much CPU the loop burns while starved.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let used = cpu_ticks(child.id()) - before;
+    assert!(child.try_wait().unwrap().is_none(), "the proxy died");
+    assert!(
+        used < 20,
+        "the accept loop spins: {used} ticks of CPU in one second"
+    );
+    drop(clients);
+    wait_for("serving again once descriptors are free", || {
+        get(port).is_some_and(|r| r.starts_with("HTTP/1.1 503"))
+    });
+    println!("FIGURE fd exhaustion: {used} CPU ticks (1/100 s) in 1 s while starved; recovered");
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    assert!(child.wait().unwrap().success());
+}

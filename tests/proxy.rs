@@ -543,63 +543,6 @@ async fn at_the_connection_limit_new_clients_wait_instead_of_failing() {
 }
 
 #[tokio::test]
-async fn hostile_and_ambiguous_requests_are_refused_and_never_forwarded() {
-    let a = Upstream::start("a").await;
-    let proxy = Proxy::start(&config(&[&a], QUIET_HEALTH)).await;
-    let cases: &[(&str, &[u8], &str)] = &[
-        ("disguised chunked", b"POST / HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: xchunked\r\n\r\n", "400"),
-        ("no Host", b"GET / HTTP/1.1\r\n\r\n", "400"),
-        ("two Hosts", b"GET / HTTP/1.1\r\nHost: app.test\r\nHost: evil.test\r\n\r\n", "400"),
-        ("malformed Host", b"GET / HTTP/1.1\r\nHost: user@app.test\r\n\r\n", "400"),
-        ("absolute-form elsewhere", b"GET http://evil.test/ HTTP/1.1\r\nHost: app.test\r\n\r\n", "400"),
-        ("CONNECT", b"CONNECT app.test:443 HTTP/1.1\r\nHost: app.test:443\r\n\r\n", "405"),
-        ("asterisk", b"GET * HTTP/1.1\r\nHost: app.test\r\n\r\n", "400"),
-        ("Connection names framing", b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: Content-Length\r\n\r\n", "400"),
-        ("h2c upgrade", b"GET / HTTP/1.1\r\nHost: app.test\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n", "400"),
-        ("non-ASCII cookie", b"GET / HTTP/1.1\r\nHost: app.test\r\nCookie: a=\xff\xfe\r\n\r\n", "400"),
-    ];
-    for (name, bytes, status) in cases {
-        let reply = raw_bytes(proxy.addr, bytes).await;
-        assert!(
-            reply.starts_with(&format!("HTTP/1.1 {status}")),
-            "{name}: {reply}"
-        );
-        assert!(
-            !reply.contains("127.0.0.1"),
-            "{name}: no addresses in replies"
-        );
-    }
-    assert_eq!(a.hits(), 0, "a refused request reached the backend");
-    let ok = raw_request(proxy.addr, "OPTIONS * HTTP/1.1\r\nHost: app.test\r\n\r\n").await;
-    assert!(ok.starts_with("HTTP/1.1 200"), "OPTIONS * is allowed: {ok}");
-}
-
-/// hyper resolves Content-Length + Transfer-Encoding itself (RFC 9112 section 6.3: the chunked
-/// coding wins and Content-Length is dropped) before stickylb sees the request, so it is not
-/// refused; what must hold is that the backend never receives two framings.
-#[tokio::test]
-async fn content_length_with_chunked_reaches_the_backend_with_one_framing_only() {
-    let a = Upstream::start("a").await;
-    let proxy = Proxy::start(&config(&[&a], QUIET_HEALTH)).await;
-    let smuggle = "POST / HTTP/1.1\r\nHost: app.test\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n\
-                   3\r\nabc\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: app.test\r\n\r\n";
-    let reply = raw_request(proxy.addr, smuggle).await;
-    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
-    let seen = a.seen();
-    assert_eq!(
-        seen[0].body, "abc",
-        "the chunked framing was used; the tail is not part of this body"
-    );
-    assert!(
-        !seen[0].headers.contains_key("content-length") || seen[0].headers["content-length"] == "3"
-    );
-    assert!(
-        !(seen[0].headers.contains_key("content-length")
-            && seen[0].headers.contains_key("transfer-encoding"))
-    );
-}
-
-#[tokio::test]
 async fn bodies_over_the_limit_get_413() {
     let a = Upstream::start("a").await;
     let proxy = Proxy::start(&config(

@@ -1,0 +1,249 @@
+//! The adversarial suite: raw TCP to stickylb, a raw-TCP capture backend behind it, and for each
+//! case the status the client gets and the exact bytes (if any) that reached the backend.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+#[path = "common/raw.rs"]
+mod raw;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::{eventually, Proxy};
+use raw::RawBackend;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const QUIET_HEALTH: &str = "[health]\ninterval = \"1h\"\n";
+
+async fn proxy_for(backend: &RawBackend, extra: &str) -> Proxy {
+    let toml = format!(
+        "[listener]\naddress = \"127.0.0.1:0\"\n[affinity]\nsecret = \"test-secret-0123456789\"\n\
+         {QUIET_HEALTH}{extra}\n[[backends]]\nid = \"raw\"\naddress = \"{}\"\n",
+        backend.addr
+    );
+    Proxy::start(&toml).await
+}
+
+/// Sends `bytes` and reads until the proxy closes the connection (or 5 s pass).
+async fn exchange(addr: SocketAddr, bytes: &[u8]) -> (String, bool) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut reply = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut reply))
+        .await
+        .is_ok();
+    (String::from_utf8_lossy(&reply).into_owned(), closed)
+}
+
+/// Refused requests: the status, `Connection: close`, no address in the reply, and not one byte at
+/// the backend.
+#[tokio::test]
+async fn hostile_requests_get_the_right_4xx_and_not_one_byte_reaches_the_backend() {
+    let backend = RawBackend::start().await;
+    let proxy = proxy_for(&backend, "[limits]\nmax_header_bytes = 8192\n").await;
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: app.test\r\nX-Big: {}\r\n\r\n",
+        "x".repeat(9000)
+    );
+    let cases: &[(&str, &[u8], &str)] = &[
+        ("disguised chunked", b"POST / HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: xchunked\r\n\r\n", "400"),
+        ("chunked not last", b"POST / HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", "400"),
+        ("two Content-Lengths", b"POST / HTTP/1.1\r\nHost: app.test\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", "400"),
+        ("bad Content-Length", b"POST / HTTP/1.1\r\nHost: app.test\r\nContent-Length: +3\r\n\r\nabc", "400"),
+        ("no Host", b"GET / HTTP/1.1\r\n\r\n", "400"),
+        ("two Hosts", b"GET / HTTP/1.1\r\nHost: app.test\r\nHost: evil.test\r\n\r\n", "400"),
+        ("malformed Host", b"GET / HTTP/1.1\r\nHost: user@app.test\r\n\r\n", "400"),
+        ("absolute-form elsewhere", b"GET http://evil.test/ HTTP/1.1\r\nHost: app.test\r\n\r\n", "400"),
+        ("CONNECT", b"CONNECT app.test:443 HTTP/1.1\r\nHost: app.test:443\r\n\r\n", "405"),
+        ("asterisk outside OPTIONS", b"GET * HTTP/1.1\r\nHost: app.test\r\n\r\n", "400"),
+        ("Connection names framing", b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: Content-Length\r\n\r\n", "400"),
+        ("Connection names Transfer-Encoding", b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: transfer-encoding\r\n\r\n", "400"),
+        ("h2c upgrade", b"GET / HTTP/1.1\r\nHost: app.test\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n", "400"),
+        ("non-ASCII cookie", b"GET / HTTP/1.1\r\nHost: app.test\r\nCookie: a=\xff\xfe\r\n\r\n", "400"),
+        ("non-ASCII header", b"GET / HTTP/1.1\r\nHost: app.test\r\nX-Name: caf\xc3\xa9\r\n\r\n", "400"),
+        ("obsolete line folding", b"GET / HTTP/1.1\r\nHost: app.test\r\nX-A: 1\r\n folded\r\n\r\n", "400"),
+        ("space before colon", b"GET / HTTP/1.1\r\nHost : app.test\r\n\r\n", "400"),
+        ("oversized head", big.as_bytes(), "431"),
+    ];
+    for (name, bytes, status) in cases {
+        let (reply, closed) = exchange(proxy.addr, bytes).await;
+        assert!(
+            reply.starts_with(&format!("HTTP/1.1 {status}")),
+            "{name}: {reply}"
+        );
+        assert!(closed, "{name}: the connection is closed after a refusal");
+        assert!(
+            !reply.contains(&backend.addr.to_string()),
+            "{name}: {reply}"
+        );
+        assert!(
+            !reply.contains("127.0.0.1"),
+            "{name}: no addresses in replies"
+        );
+        assert_eq!(backend.received(), b"", "{name}: bytes reached the backend");
+    }
+}
+
+/// Content-Length with chunked: hyper follows the chunked coding (RFC 9112 section 6.3), drops
+/// Content-Length and closes the connection after the response (section 6.1), so the tail that
+/// tried to smuggle a second request is never parsed, and the backend sees one framing only.
+#[tokio::test]
+async fn content_length_with_chunked_cannot_smuggle_a_request() {
+    let backend = RawBackend::start().await;
+    let proxy = proxy_for(&backend, "").await;
+    let smuggle = b"POST / HTTP/1.1\r\nHost: app.test\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n\
+                    3\r\nabc\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: app.test\r\n\r\n";
+    let (reply, closed) = exchange(proxy.addr, smuggle).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(
+        closed,
+        "the connection is closed after an ambiguous request"
+    );
+    assert_eq!(
+        reply.matches("HTTP/1.1").count(),
+        1,
+        "one response: {reply}"
+    );
+    let got = String::from_utf8(backend.received())
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(!got.contains("smuggled"), "{got}");
+    let framings = ["content-length:", "transfer-encoding:"];
+    let present: Vec<_> = framings.iter().filter(|f| got.contains(*f)).collect();
+    assert_eq!(
+        present.len(),
+        1,
+        "exactly one framing reached the backend: {got}"
+    );
+    assert!(
+        got.ends_with("abc") || got.ends_with("3\r\nabc\r\n0\r\n\r\n"),
+        "{got}"
+    );
+}
+
+/// What a well-formed request looks like at the backend: hop-by-hop headers and the affinity
+/// cookie gone, other cookies verbatim, forwarding headers replaced.
+#[tokio::test]
+async fn the_backend_receives_exactly_the_cleaned_request() {
+    let backend = RawBackend::start().await;
+    let proxy = proxy_for(&backend, "").await;
+    let request = b"GET /page?q=1 HTTP/1.1\r\nHost: app.test\r\nConnection: close, X-Secret\r\n\
+                    X-Secret: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nProxy-Authorization: Basic eA==\r\n\
+                    X-Forwarded-For: 6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\n\
+                    Cookie: app=1; stickylb=forged; theme=\"dark\"\r\nX-Kept: yes\r\n\r\n";
+    let (reply, _) = exchange(proxy.addr, request).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    let got = String::from_utf8(backend.received()).unwrap();
+    let head: Vec<&str> = got.split("\r\n").collect();
+    assert_eq!(head[0], "GET /page?q=1 HTTP/1.1");
+    let lower = got.to_ascii_lowercase();
+    for gone in [
+        "x-secret",
+        "keep-alive",
+        "\r\nte:",
+        "proxy-authorization",
+        "forwarded:",
+        "stickylb",
+    ] {
+        assert!(!lower.contains(gone), "{gone} reached the backend: {got}");
+    }
+    for line in [
+        "cookie: app=1; theme=\"dark\"",
+        "x-forwarded-for: 127.0.0.1",
+        "x-real-ip: 127.0.0.1",
+        "x-kept: yes",
+        "\r\nhost: app.test",
+    ] {
+        assert_eq!(lower.matches(line).count(), 1, "{line} once: {got}");
+    }
+}
+
+/// A client that goes away mid-body: the upstream request is aborted (its connection closed,
+/// since the backend is mid-message) and that connection is never used again.
+#[tokio::test]
+async fn a_client_abort_mid_body_aborts_the_upstream_request_and_its_connection() {
+    let backend = RawBackend::start().await;
+    let proxy = proxy_for(&backend, "").await;
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    let head = b"POST /upload HTTP/1.1\r\nHost: app.test\r\nContent-Length: 100000\r\n\r\n";
+    client.write_all(head).await.unwrap();
+    client.write_all(&[b'x'; 1000]).await.unwrap();
+    let started = Instant::now();
+    eventually(Duration::from_secs(5), "upload reached the backend", || {
+        backend.received().windows(7).any(|w| w == b"/upload")
+    })
+    .await;
+    drop(client);
+    eventually(Duration::from_secs(5), "upstream connection closed", || {
+        backend
+            .connections()
+            .iter()
+            .any(|c| c.closed && !c.bytes.is_empty())
+    })
+    .await;
+    let aborted_after = started.elapsed();
+    let (reply, _) = exchange(
+        proxy.addr,
+        b"GET /next HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    let conns = backend.connections();
+    let upload = conns
+        .iter()
+        .position(|c| c.bytes.windows(7).any(|w| w == b"/upload"));
+    let next = conns
+        .iter()
+        .position(|c| c.requests.iter().any(|(p, _)| p == "/next"));
+    assert_ne!(upload, next, "the aborted connection was reused");
+    assert!(
+        conns[upload.unwrap()].requests.is_empty(),
+        "the upload never completed"
+    );
+    println!("FIGURE client abort: upstream connection closed within {aborted_after:?}");
+}
+
+/// `timeouts.client_header` bounds both a slow request head (slowloris) and an idle keep-alive
+/// connection: hyper starts the clock whenever it waits for a request head.
+#[tokio::test]
+async fn slow_heads_and_idle_keep_alive_connections_are_closed_after_client_header() {
+    let backend = RawBackend::start().await;
+    let proxy = proxy_for(&backend, "[timeouts]\nclient_header = \"300ms\"\n").await;
+
+    let mut slow = TcpStream::connect(proxy.addr).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: app.te")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut rest))
+        .await
+        .expect("a slow head is cut off")
+        .ok();
+    let slow_after = started.elapsed();
+
+    let mut idle = TcpStream::connect(proxy.addr).await.unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = vec![0u8; 1024];
+    let n = idle.read(&mut reply).await.unwrap();
+    assert!(reply[..n].starts_with(b"HTTP/1.1 200"));
+    let answered = Instant::now();
+    let mut tail = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut tail))
+        .await
+        .expect("an idle keep-alive connection is closed")
+        .unwrap();
+    let idle_after = answered.elapsed();
+    println!("FIGURE client_header 300ms: slow head closed after {slow_after:?}, idle keep-alive after {idle_after:?}");
+    for after in [slow_after, idle_after] {
+        assert!(
+            after >= Duration::from_millis(290) && after < Duration::from_secs(3),
+            "{after:?}"
+        );
+    }
+    let forwarded: usize = backend.connections().iter().map(|c| c.requests.len()).sum();
+    assert_eq!(forwarded, 1, "only the complete request was forwarded");
+}

@@ -1,0 +1,113 @@
+//! A raw-TCP capture backend: records the exact bytes each connection delivers and answers every
+//! complete request (head parsed by `httparse`, body by `Content-Length`) with `200` and its id.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// One connection as the backend saw it.
+#[derive(Debug, Default, Clone)]
+pub struct Capture {
+    pub bytes: Vec<u8>,
+    /// Each complete request: (path, raw head + body).
+    pub requests: Vec<(String, Vec<u8>)>,
+    /// The peer closed (or reset) the connection.
+    pub closed: bool,
+}
+
+pub struct RawBackend {
+    pub addr: SocketAddr,
+    conns: Arc<Mutex<Vec<Capture>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RawBackend {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns = Arc::new(Mutex::new(Vec::new()));
+        let shared = Arc::clone(&conns);
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let index = {
+                    let mut c = shared.lock().unwrap();
+                    c.push(Capture::default());
+                    c.len() - 1
+                };
+                tokio::spawn(serve(stream, index, Arc::clone(&shared)));
+            }
+        });
+        Self { addr, conns, task }
+    }
+
+    /// Every connection, heartbeat connections left out.
+    pub fn connections(&self) -> Vec<Capture> {
+        let all = self.conns.lock().unwrap().clone();
+        all.into_iter()
+            .filter(|c| !c.requests.iter().any(|(p, _)| p == "/healthz"))
+            .collect()
+    }
+
+    /// Every byte that reached the backend, heartbeats left out.
+    pub fn received(&self) -> Vec<u8> {
+        self.connections()
+            .into_iter()
+            .flat_map(|c| c.bytes)
+            .collect()
+    }
+}
+
+impl Drop for RawBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve(mut stream: TcpStream, index: usize, conns: Arc<Mutex<Vec<Capture>>>) {
+    let (mut pending, mut buf) = (Vec::new(), vec![0u8; 64 * 1024]);
+    loop {
+        let n = match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(&buf[..n]);
+        conns.lock().unwrap()[index]
+            .bytes
+            .extend_from_slice(&buf[..n]);
+        while let Some((path, len)) = complete_request(&pending) {
+            let request: Vec<u8> = pending.drain(..len).collect();
+            conns.lock().unwrap()[index].requests.push((path, request));
+            let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nraw";
+            if stream.write_all(reply).await.is_err() {
+                break;
+            }
+        }
+    }
+    conns.lock().unwrap()[index].closed = true;
+}
+
+/// The path and total length of the first complete request in `data`, if there is one.
+fn complete_request(data: &[u8]) -> Option<(String, usize)> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    let httparse::Status::Complete(head) = req.parse(data).ok()? else {
+        return None;
+    };
+    let body = req
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .and_then(|h| {
+            std::str::from_utf8(h.value)
+                .ok()?
+                .trim()
+                .parse::<usize>()
+                .ok()
+        })
+        .unwrap_or(0);
+    let path = req.path.unwrap_or_default().to_string();
+    (data.len() >= head + body).then_some((path, head + body))
+}
