@@ -11,6 +11,8 @@ use http::{Method, Version};
 pub enum Rejection {
     #[error("both Content-Length and Transfer-Encoding")]
     AmbiguousFraming,
+    #[error("chunked applied more than once")]
+    RepeatedChunked,
     #[error("missing Host")]
     MissingHost,
     #[error("repeated Host")]
@@ -42,6 +44,9 @@ pub fn check(parts: &Parts) -> Result<(), Rejection> {
     if h.contains_key(header::CONTENT_LENGTH) && h.contains_key(header::TRANSFER_ENCODING) {
         return Err(Rejection::AmbiguousFraming);
     }
+    if chunked_codings(h) > 1 {
+        return Err(Rejection::RepeatedChunked);
+    }
     if h.values().any(|v| v.to_str().is_err()) {
         return Err(Rejection::BadHeaderBytes);
     }
@@ -55,6 +60,16 @@ pub fn check(parts: &Parts) -> Result<(), Rejection> {
         return Err(Rejection::H2cUpgrade);
     }
     check_host(parts)
+}
+
+/// How often `chunked` appears among the transfer codings, over every `Transfer-Encoding` line.
+fn chunked_codings(h: &HeaderMap) -> usize {
+    h.get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter(|c| c.trim().eq_ignore_ascii_case("chunked"))
+        .count()
 }
 
 fn connection_names_framing(h: &HeaderMap) -> bool {
@@ -114,6 +129,37 @@ mod tests {
         let host: (&str, &[u8]) = ("host", b"shop.example");
         let rows: Vec<(Parts, Result<(), Rejection>)> = vec![
             (parts("GET", "/", v11, &[host]), Ok(())),
+            (
+                parts(
+                    "POST",
+                    "/",
+                    v11,
+                    &[host, ("transfer-encoding", b"chunked, chunked")],
+                ),
+                Err(RepeatedChunked),
+            ),
+            (
+                parts(
+                    "POST",
+                    "/",
+                    v11,
+                    &[
+                        host,
+                        ("transfer-encoding", b"chunked"),
+                        ("transfer-encoding", b"Chunked"),
+                    ],
+                ),
+                Err(RepeatedChunked),
+            ),
+            (
+                parts(
+                    "POST",
+                    "/",
+                    v11,
+                    &[host, ("transfer-encoding", b"gzip, chunked")],
+                ),
+                Ok(()),
+            ),
             (parts("GET", "/", v11, &[]), Err(MissingHost)),
             (parts("GET", "/", Version::HTTP_10, &[]), Ok(())),
             (

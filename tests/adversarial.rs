@@ -48,6 +48,8 @@ async fn hostile_requests_get_the_right_4xx_and_not_one_byte_reaches_the_backend
     );
     let cases: &[(&str, &[u8], &str)] = &[
         ("disguised chunked", b"POST / HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: xchunked\r\n\r\n", "400"),
+        ("chunked twice", b"POST / HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n", "400"),
+        ("chunked on two lines", b"POST / HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "400"),
         ("chunked not last", b"POST / HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", "400"),
         ("two Content-Lengths", b"POST / HTTP/1.1\r\nHost: app.test\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", "400"),
         ("bad Content-Length", b"POST / HTTP/1.1\r\nHost: app.test\r\nContent-Length: +3\r\n\r\nabc", "400"),
