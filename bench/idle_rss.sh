@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# bench/idle_rss.sh: resident memory of stickylb and HAProxy holding thousands of idle keep-alive
+# client connections, same upstream, same machine, one after the other.
+#
+#   bench/idle_rss.sh            # CONNS=9000 BASE_PORT=29080
+#
+# HAProxy insists on two descriptors per maxconn; under this machine's hard limit of 20000 open
+# files that caps it below 10,000 clients, hence 9,000 by default.
+#
+# Each client sends one request (so the connection is a real keep-alive one, not just accepted),
+# reads the answer and stays idle. RSS is VmRSS from /proc before and with the connections open.
+# Needs: apt-get install haproxy nginx (and curl, python3).
+set -euo pipefail
+unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY ALL_PROXY all_proxy
+CONNS=${CONNS:-9000} BP=${BASE_PORT:-29080}
+P_UP=$((BP + 1)) P_HAPROXY=$((BP + 10)) P_OURS=$((BP + 12))
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+W=$(mktemp -d /tmp/stickylb-rss.XXXXXX)
+PIDS=()
+die() { echo "idle_rss: $*" >&2; exit 1; }
+for tool in haproxy nginx curl python3; do command -v "$tool" >/dev/null || die "$tool is missing"; done
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+ulimit -n "$(ulimit -Hn)"   # each process holds about CONNS descriptors
+(( $(ulimit -n) > CONNS + 1024 )) || die "open-file limit $(ulimit -n) is too low for $CONNS connections"
+wait_port() {
+    for _ in $(seq 200); do curl -s -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.05; done
+    die "nothing answers on port $1 (logs in $W)"
+}
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+
+mkdir -p "$W/up/tmp"
+cat >"$W/up/nginx.conf" <<CONF
+worker_processes 1; pid $W/up/nginx.pid; error_log $W/up/error.log warn;
+events { worker_connections 4096; }
+http { access_log off; client_body_temp_path $W/up/tmp; proxy_temp_path $W/up/tmp;
+  fastcgi_temp_path $W/up/tmp; uwsgi_temp_path $W/up/tmp; scgi_temp_path $W/up/tmp;
+  server { listen 127.0.0.1:$P_UP; default_type text/plain; location / { return 200 "A\n"; } } }
+CONF
+nginx -p "$W/up" -e "$W/up/error.log" -c "$W/up/nginx.conf" -g 'daemon off;' &
+PIDS+=($!); wait_port "$P_UP"
+
+cat >"$W/haproxy.cfg" <<CONF
+global
+  nbthread 1
+  # Idle clients hold no server connection, so one descriptor per client is enough; left to
+  # itself HAProxy would ask for two per maxconn and refuse to start under a 20000 hard limit.
+  ulimit-n $(ulimit -n)
+  maxconn $((CONNS + 100))
+defaults
+  mode http
+  maxconn $((CONNS + 100))
+  timeout connect 1s
+  timeout client 300s
+  timeout server 30s
+  timeout http-keep-alive 300s
+frontend fe
+  bind 127.0.0.1:$P_HAPROXY
+  default_backend be
+backend be
+  cookie SRV insert indirect nocache
+  server A 127.0.0.1:$P_UP cookie A
+CONF
+cat >"$W/stickylb.toml" <<CONF
+[runtime]
+workers = 1
+[listener]
+address = "127.0.0.1:$P_OURS"
+[affinity]
+secret = "bench-secret-0123456789"
+[timeouts]
+client_header = "300s"
+[limits]
+max_connections = $((CONNS + 1000))
+[health]
+interval = "1s"
+[[backends]]
+id = "A"
+address = "127.0.0.1:$P_UP"
+CONF
+
+hold() {   # port -> opens CONNS idle keep-alive connections, prints "ready", holds until stdin closes
+    python3 - "$1" "$CONNS" <<'PY'
+import asyncio, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+async def one(conns):
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+    await w.drain()
+    head = await r.readuntil(b"\r\n\r\n")
+    length = next(int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length"))
+    await r.readexactly(length)
+    conns.append((r, w))
+async def main():
+    conns = []
+    for i in range(0, n, 500):
+        await asyncio.gather(*(one(conns) for _ in range(min(500, n - i))))
+    print("ready", len(conns), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+asyncio.run(main())
+PY
+}
+
+measure() {   # label pid port
+    local before with
+    before=$(rss_kb "$2")
+    coproc HOLD { hold "$3"; }
+    read -r line <&"${HOLD[0]}"
+    [[ $line == "ready $CONNS" ]] || die "$1: clients did not all connect: $line"
+    with=$(rss_kb "$2")
+    exec {HOLD[1]}>&-
+    wait "$HOLD_PID" || true
+    printf '| %s | %s | %s | %s |\n' "$1" "$((before / 1024))" "$((with / 1024))" "$(( (with - before) * 1024 / CONNS ))"
+}
+
+cd "$ROOT" && cargo build --release -q -p stickylb
+haproxy -db -f "$W/haproxy.cfg" >"$W/haproxy.log" 2>&1 &
+HP=$!; PIDS+=($HP); wait_port "$P_HAPROXY"
+RUST_LOG=warn "$ROOT/target/release/stickylb" -c "$W/stickylb.toml" >"$W/stickylb.log" 2>&1 &
+OP=$!; PIDS+=($OP); wait_port "$P_OURS"
+echo
+echo "| proxy | RSS idle (MiB) | RSS with $CONNS idle keep-alive clients (MiB) | bytes per connection |"
+echo "|---|---|---|---|"
+measure haproxy "$HP" "$P_HAPROXY"
+measure stickylb "$OP" "$P_OURS"
