@@ -37,6 +37,11 @@ enum Command {
     },
 }
 
+/// mimalloc: measured faster than the system allocator on the request path, and it returns
+/// freed memory to the OS (see README, Performance).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match Config::load(&cli.config, std::env::var(SECRET_ENV).ok()) {
