@@ -247,8 +247,9 @@ async fn drill_2_a_hung_node_is_routed_around_and_rejoins_after_rise() {
             .all(|o| o.ok() || o.status == Some(504)),
         "a hung node only costs 504s for requests already sent to it"
     );
+    // Slack for the `kill` command and timer wake-ups; sequential probes would need 450 ms.
     assert!(
-        down_ms - stopped_ms <= bound + 50,
+        down_ms - stopped_ms <= bound + 100,
         "detection exceeded its bound"
     );
     assert_eq!(used_while_down, 0);
