@@ -203,14 +203,32 @@ fn summary(c: &Config) -> String {
     };
     let a = &c.affinity;
     let lifetime = a.max_age.map_or("session cookie".to_string(), |age| {
-        format!("Max-Age {}", d(age))
+        format!("pins expire after {}, checked by the proxy", d(age))
     });
+    let rotation = match a.previous_secrets.len() {
+        0 => String::new(),
+        n => format!(", {n} previous secret(s) accepted and re-issued"),
+    };
+    let l = &c.listener;
+    let transport = l.tls.as_ref().map_or("HTTP/1.1 and h2c".to_string(), |t| {
+        format!("TLS with {}, ALPN h2 and http/1.1", t.cert.display())
+    });
+    let fwd = &l.forwarding;
+    let trusted = match fwd.trusted_proxies.len() {
+        0 => "replaced from every peer".to_string(),
+        _ => {
+            let nets: Vec<String> = fwd.trusted_proxies.iter().map(|n| n.to_string()).collect();
+            format!("extended from {}, replaced from others", nets.join(", "))
+        }
+    };
+    let forwarded = if fwd.forwarded { " (+ Forwarded)" } else { "" };
     let h = &c.health;
     let mut lines = vec![
         format!("{}: OK", c.file.display()),
-        format!("listener  {}", c.listener.address),
+        format!("listener  {} ({transport})", l.address),
+        format!("forwarding headers {trusted}{forwarded}"),
         format!(
-            "cookie    {} (HttpOnly={}, Secure={}, SameSite={:?}, {lifetime}); secret {secret}",
+            "cookie    {} (HttpOnly={}, Secure={}, SameSite={:?}, {lifetime}); secret {secret}{rotation}",
             a.cookie, a.http_only, a.secure, a.same_site
         ),
         format!("balancer  {algorithm}, {} retries", c.balancer.retries),

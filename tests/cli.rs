@@ -284,3 +284,28 @@ fn running_out_of_file_descriptors_neither_kills_nor_spins_the_accept_loop() {
         .success());
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn check_summarises_forwarding_and_pin_lifetime() {
+    let text = GOOD
+        .replace(
+            "address = \"127.0.0.1:8080\"\n",
+            "address = \"127.0.0.1:8080\"\ntrusted_proxies = [\"10.0.0.0/8\"]\nforwarded = true\n",
+        )
+        .replace(
+            "\n[[backends]]",
+            "\n[affinity]\nsecret = \"0123456789abcdef\"\nmax_age = \"1h\"\nprevious_secrets = [\"old-secret-0123456789\"]\n\n[[backends]]",
+        );
+    let path = write("summary.toml", &text);
+    let out = stickylb(&["check", "-c", path.to_str().unwrap()]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{text}");
+    for needle in [
+        "(HTTP/1.1 and h2c)",
+        "extended from 10.0.0.0/8, replaced from others (+ Forwarded)",
+        "pins expire after 1h, checked by the proxy",
+        "1 previous secret(s) accepted and re-issued",
+    ] {
+        assert!(text.contains(needle), "summary lacks {needle:?}:\n{text}");
+    }
+}
