@@ -363,8 +363,18 @@ impl Sessions {
         Ok(())
     }
 
-    async fn flush_session(&self, id: &str, delta: Delta) -> Result<(), StoreError> {
-        for _ in 0..MAX_CAS_ROUNDS {
+    async fn flush_session(&self, id: &str, batched: Delta) -> Result<(), StoreError> {
+        let mut delta = batched;
+        for round in 0..MAX_CAS_ROUNDS {
+            if round > 0 {
+                // A retry writes what is still queued now: an earlier write found to have landed
+                // has been settled, and re-sending the batched delta would count it twice (and,
+                // with nothing left queued, read as "ended meanwhile" and delete the session).
+                let Some(left) = self.lock().pending.get(id).copied() else {
+                    return Ok(());
+                };
+                delta = left;
+            }
             let outcome = match self.apply(id, delta, true).await {
                 Ok(o) => o,
                 Err(SessionError::Store(e)) => return Err(e),
@@ -475,6 +485,38 @@ mod tests {
         assert_eq!(
             v.record.visits, 5,
             "the view did not double count after the flush"
+        );
+    }
+
+    /// A queued write whose outcome was lost (the store died before answering) but that landed:
+    /// the next flush finds its tag, counts it once, and neither re-sends it nor drops the session.
+    #[tokio::test]
+    async fn a_write_that_landed_unacknowledged_is_counted_once_and_the_session_kept() {
+        let store = MemoryStore::default();
+        let a = node(&store, Replication::Async, 10);
+        let id = a.visit(None, false).await.unwrap().id;
+        let one = Delta { visits: 1, ops: 1 };
+        let lost_tag = 7;
+        a.lock().inflight.insert(
+            id.clone(),
+            Inflight {
+                tag: lost_tag,
+                delta: one,
+            },
+        );
+        let landed = one.apply(Record::default());
+        let ttl = Duration::from_secs(60);
+        store.save(&id, &landed, lost_tag, 0, ttl).await.unwrap();
+
+        a.flush_once().await.unwrap();
+        assert_eq!(a.pending(), 0);
+        assert_eq!(
+            stored(&store, &id).await,
+            Some(Record {
+                visits: 1,
+                version: 1
+            }),
+            "counted once, and the session still exists"
         );
     }
 
