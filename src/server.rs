@@ -49,6 +49,7 @@ pub async fn serve(
     // Back-pressure: at the connection limit, stop accepting until a connection closes; new
     // clients wait in the kernel's backlog instead of being refused or crashing anything.
     let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
+    let mut failed_accepts: u64 = 0;
     loop {
         let slot = tokio::select! {
             permit = Arc::clone(&slots).acquire_owned() => match permit {
@@ -59,9 +60,20 @@ pub async fn serve(
         };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
+                Ok(conn) => {
+                    if failed_accepts > 0 {
+                        tracing::info!(failed = failed_accepts, "accepting again");
+                        failed_accepts = 0;
+                    }
+                    conn
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
+                    // One line when it starts, then one every 100 attempts (5 s): starved of
+                    // descriptors, the loop must not flood the log either.
+                    if failed_accepts % 100 == 0 {
+                        tracing::warn!(error = %e, failed = failed_accepts + 1, "accept failed");
+                    }
+                    failed_accepts += 1;
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
