@@ -16,7 +16,10 @@ use crate::config::{AffinityConfig, Algorithm, Config, ForwardingConfig, Timeout
 pub struct Member {
     pub backend: Arc<Backend>,
     pub weight: u32,
-    /// The complete `Set-Cookie` value that pins a client here, precomputed.
+    /// This backend's tag under the current secret: the pin value, or its first part when pins
+    /// expire.
+    tag: String,
+    /// The complete `Set-Cookie` value that pins a client here, precomputed (non-expiring pins).
     pub set_cookie: HeaderValue,
 }
 
@@ -92,14 +95,16 @@ impl Routing {
                 }
                 None => Backend::new(b, &cfg.health),
             };
-            let token = affinity::token(&cfg.affinity.secret, &b.id);
-            let set_cookie = affinity::set_cookie(&cfg.affinity, &token);
-            for (k, key) in keys.iter().enumerate() {
+            let tag = affinity::token(&cfg.affinity.secret, &b.id);
+            let set_cookie = affinity::set_cookie(&cfg.affinity, &tag);
+            pins.insert(tag.clone(), (i, 0));
+            for (k, key) in keys.iter().enumerate().skip(1) {
                 pins.entry(affinity::token(key, &b.id)).or_insert((i, k));
             }
             members.push(Member {
                 backend,
                 weight: b.weight.get(),
+                tag,
                 set_cookie,
             });
         }
@@ -184,8 +189,7 @@ impl Routing {
         if self.affinity.max_age.is_none() {
             return member.set_cookie.clone();
         }
-        let tag = affinity::token(&self.keys[0], &member.backend.id);
-        let value = affinity::stamp(&self.keys[0], &tag, now);
+        let value = affinity::stamp(&self.keys[0], &member.tag, now);
         affinity::set_cookie(&self.affinity, &value)
     }
 
