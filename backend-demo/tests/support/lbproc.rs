@@ -94,34 +94,17 @@ impl Drop for LbProcess {
     }
 }
 
-/// The value after `key` up to the next space or `)`, with ANSI colour codes removed.
+/// The value after `key` up to the next space or `)`. stickylb writes no colour codes when
+/// stderr is not a terminal, as here.
 fn field(line: &str, key: &str) -> String {
-    let plain: String = strip_ansi(line);
-    let start = plain
+    let start = line
         .find(key)
         .unwrap_or_else(|| panic!("no {key} in {line:?}"))
         + key.len();
-    plain[start..]
+    line[start..]
         .chars()
         .take_while(|c| !c.is_whitespace() && *c != ')')
         .collect()
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::new();
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// `stickylb` lives next to `backend-demo` in the target directory. `cargo test --workspace`
