@@ -52,28 +52,15 @@ impl Drop for TestRedis {
 /// None (after printing a SKIPPED line) when no Redis can be had; panics instead when
 /// `STICKYLB_REQUIRE_REDIS=1`.
 pub async fn redis(test: &str) -> Option<TestRedis> {
-    let prefix = format!("stickylb-test:{}:", backend_demo::session::new_id());
     if let Ok(url) = std::env::var("REDIS_URL") {
         return Some(TestRedis {
             url,
-            prefix,
+            prefix: format!("stickylb-test:{}:", rand_tag()),
             child: None,
             args: Vec::new(),
         });
     }
-    match spawn_redis(false).await {
-        Ok(mut r) => {
-            r.prefix = prefix;
-            Some(r)
-        }
-        Err(why) if std::env::var("STICKYLB_REQUIRE_REDIS").as_deref() == Ok("1") => {
-            panic!("{test}: Redis required (STICKYLB_REQUIRE_REDIS=1) but unavailable: {why}")
-        }
-        Err(why) => {
-            println!("SKIPPED {test} on redis: {why} (set REDIS_URL or install redis-server)");
-            None
-        }
-    }
+    private_redis(test, false).await
 }
 
 /// A private `redis-server` that this test may stop and start (never a shared `REDIS_URL`
@@ -86,7 +73,7 @@ pub async fn private_redis(test: &str, durable: bool) -> Option<TestRedis> {
             panic!("{test}: Redis required (STICKYLB_REQUIRE_REDIS=1) but unavailable: {why}")
         }
         Err(why) => {
-            println!("SKIPPED {test}: {why} (install redis-server)");
+            println!("SKIPPED {test} on redis: {why} (install redis-server, or set REDIS_URL)");
             None
         }
     }
