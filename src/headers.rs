@@ -28,14 +28,20 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
-/// Removes hop-by-hop headers, including every header the `Connection` header names.
-pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
+/// The comma-separated tokens of every `name` line, trimmed (`Connection`, `Transfer-Encoding`).
+/// Non-ASCII lines are skipped; validation refuses them anyway.
+pub fn list_tokens<'a>(h: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a str> {
+    h.get_all(name)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .map(str::trim)
+}
+
+/// Removes hop-by-hop headers, including every header the `Connection` header names.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = list_tokens(headers, &header::CONNECTION)
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
@@ -46,13 +52,8 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 /// The protocol an HTTP/1.1 request asks to switch to (`Upgrade`, with `upgrade` among the
 /// `Connection` tokens), such as `websocket`.
 pub fn upgrade_requested(parts: &Parts) -> Option<HeaderValue> {
-    let asks = parts
-        .headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let asks =
+        list_tokens(&parts.headers, &header::CONNECTION).any(|t| t.eq_ignore_ascii_case("upgrade"));
     let h1 = parts.version == http::Version::HTTP_11;
     (asks && h1).then(|| parts.headers.get(header::UPGRADE).cloned())?
 }

@@ -6,6 +6,8 @@ use http::request::Parts;
 use http::uri::Authority;
 use http::{Method, Version};
 
+use crate::headers::list_tokens;
+
 /// Why a request was refused; the status mapping lives in `error`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {
@@ -64,21 +66,15 @@ pub fn check(parts: &Parts) -> Result<(), Rejection> {
 
 /// How often `chunked` appears among the transfer codings, over every `Transfer-Encoding` line.
 fn chunked_codings(h: &HeaderMap) -> usize {
-    h.get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter(|c| c.trim().eq_ignore_ascii_case("chunked"))
+    list_tokens(h, &header::TRANSFER_ENCODING)
+        .filter(|c| c.eq_ignore_ascii_case("chunked"))
         .count()
 }
 
 fn connection_names_framing(h: &HeaderMap) -> bool {
     let framing = ["content-length", "transfer-encoding", "host"];
-    h.get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|name| framing.iter().any(|f| name.trim().eq_ignore_ascii_case(f)))
+    list_tokens(h, &header::CONNECTION)
+        .any(|name| framing.iter().any(|f| name.eq_ignore_ascii_case(f)))
 }
 
 /// HTTP/1.1 needs exactly one valid Host; an absolute-form target (or HTTP/2 `:authority`)
