@@ -11,10 +11,12 @@
 //! - [`heartbeat`]: probe tasks that feed the health machine.
 //! - [`proxy`]: the forwarding loop: candidates in order, bounded attempts, re-pin on failover.
 //! - [`headers`]: hop-by-hop removal and the forwarding headers (trusted proxies, `Forwarded`).
+//! - [`framing`]: follows HTTP/1 framing on the raw stream to spot heads hyper normalises.
 //! - [`validate`]: refuses ambiguous or hostile requests before anything is forwarded.
 //! - [`body`]: streaming request/response bodies, replayable until first read.
 //! - [`error`]: the one mapping from failures to 502/503/504.
-//! - [`server`]: accept loop, HTTP/1.1 + HTTP/2 (h2c, or TLS with ALPN), graceful shutdown.
+//! - [`server`]: accept loop, HTTP/1.1 + HTTP/2 (h2c, or TLS with ALPN), idle connections,
+//!   graceful shutdown.
 //! - [`tls`]: loading the certificate and key into a rustls configuration.
 //! - [`tunnel`]: relaying upgraded connections (WebSocket) with an idle timeout.
 //! - [`admin`]: the admin listener: status, drain/maintenance/enable, reload, metrics, dashboard.
@@ -30,6 +32,7 @@ pub mod body;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod framing;
 pub mod headers;
 pub mod health;
 pub mod heartbeat;

@@ -6,14 +6,19 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
+use crate::framing;
 use crate::proxy::Proxy;
 
 /// Pause after a failed accept (for example out of file descriptors), so the loop neither dies
@@ -44,12 +49,13 @@ pub async fn serve(
     builder.http2().timer(TokioTimer::new());
     let builder = Arc::new(builder);
     let tls = settings.tls.clone().map(TlsAcceptor::from);
-    let graceful = GracefulShutdown::new();
-    tokio::pin!(shutdown);
+    let (stop, stopped) = watch::channel(());
     // Back-pressure: at the connection limit, stop accepting until a connection closes; new
-    // clients wait in the kernel's backlog instead of being refused or crashing anything.
-    let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
-    let mut failed_accepts: u64 = 0;
+    // clients wait in the kernel's backlog instead of being refused or crashing anything. Each
+    // connection holds a slot until it is closed, so taking every slot back means all are closed.
+    let slots = Arc::new(Semaphore::new(settings.max_connections));
+    tokio::pin!(shutdown);
+    let mut accepts = Accepts::default();
     loop {
         let slot = tokio::select! {
             permit = Arc::clone(&slots).acquire_owned() => match permit {
@@ -59,35 +65,16 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => {
-                    if failed_accepts > 0 {
-                        tracing::info!(failed = failed_accepts, "accepting again");
-                        failed_accepts = 0;
-                    }
-                    conn
-                }
-                Err(e) => {
-                    // One line when it starts, then one every 100 attempts (5 s): starved of
-                    // descriptors, the loop must not flood the log either.
-                    if failed_accepts % 100 == 0 {
-                        tracing::warn!(error = %e, failed = failed_accepts + 1, "accept failed");
-                    }
-                    failed_accepts += 1;
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            },
+            accepted = accepts.next(&listener) => accepted,
             () = &mut shutdown => break,
         };
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(error = %e, "set_nodelay failed");
-        }
         let conn = Conn {
             proxy: Arc::clone(&proxy),
             builder: Arc::clone(&builder),
-            watcher: graceful.watcher(),
+            stop: stopped.clone(),
             peer,
+            max_head: settings.max_header_bytes,
+            idle: settings.client_header_timeout,
         };
         let (tls, handshake) = (tls.clone(), settings.client_header_timeout);
         tokio::spawn(async move {
@@ -99,13 +86,52 @@ pub async fn serve(
         });
     }
     drop(listener);
-    tracing::info!(
-        connections = graceful.count(),
-        "shutting down: draining connections"
-    );
+    drain(stop, &slots, &settings).await;
+}
+
+/// Asks every connection to finish its requests and close, and waits for that within the grace.
+async fn drain(stop: watch::Sender<()>, slots: &Semaphore, settings: &ServerSettings) {
+    let open = settings.max_connections - slots.available_permits();
+    tracing::info!(connections = open, "shutting down: draining connections");
+    stop.send_replace(());
+    let all = u32::try_from(settings.max_connections).unwrap_or(u32::MAX);
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections closed"),
+        _ = slots.acquire_many(all) => tracing::info!("all connections closed"),
         () = tokio::time::sleep(settings.shutdown_grace) => tracing::warn!("grace period over; closing the remaining connections"),
+    }
+}
+
+/// The accept side: a failed accept (for example out of file descriptors) is retried after a
+/// pause, so the loop neither dies nor spins, and the log is not flooded while it lasts.
+#[derive(Default)]
+struct Accepts {
+    failed: u64,
+}
+
+impl Accepts {
+    async fn next(&mut self, listener: &TcpListener) -> (TcpStream, SocketAddr) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    if self.failed > 0 {
+                        tracing::info!(failed = self.failed, "accepting again");
+                        self.failed = 0;
+                    }
+                    if let Err(e) = stream.set_nodelay(true) {
+                        tracing::debug!(error = %e, "set_nodelay failed");
+                    }
+                    return (stream, peer);
+                }
+                Err(e) => {
+                    // One line when it starts, then one every 100 attempts (5 s).
+                    if self.failed % 100 == 0 {
+                        tracing::warn!(error = %e, failed = self.failed + 1, "accept failed");
+                    }
+                    self.failed += 1;
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            }
+        }
     }
 }
 
@@ -113,8 +139,11 @@ pub async fn serve(
 struct Conn {
     proxy: Arc<Proxy>,
     builder: Arc<Builder<TokioExecutor>>,
-    watcher: Watcher,
-    peer: std::net::SocketAddr,
+    stop: watch::Receiver<()>,
+    peer: SocketAddr,
+    max_head: usize,
+    /// A connection with no request in flight for this long is closed gracefully.
+    idle: Duration,
 }
 
 impl Conn {
@@ -126,21 +155,99 @@ impl Conn {
         }
     }
 
-    /// Serves HTTP/1.1 or HTTP/2 (by preface; under TLS ALPN has agreed on it) with upgrades.
-    async fn serve<I>(self, io: I, proto: &'static str)
+    /// Serves HTTP/1.1 or HTTP/2 (by preface; under TLS ALPN has agreed on it) with upgrades,
+    /// until the peer closes, the connection idles out, or the server stops.
+    async fn serve<I>(mut self, io: I, proto: &'static str)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (proxy, peer) = (self.proxy, self.peer);
-        let svc = service_fn(move |req| {
-            let proxy = Arc::clone(&proxy);
-            async move { proxy.handle(req, peer, proto).await }
+        let (io, conflicts) = framing::watch(io, self.max_head);
+        let activity = Arc::new(Activity::new());
+        let seen = Arc::clone(&activity);
+        let svc = service_fn(move |mut req| {
+            conflicts.mark(&mut req);
+            let (proxy, busy) = (Arc::clone(&proxy), Activity::begin(&seen));
+            async move {
+                let resp = proxy.handle(req, peer, proto).await;
+                drop(busy);
+                resp
+            }
         });
         let conn = self
             .builder
             .serve_connection_with_upgrades(TokioIo::new(io), svc);
-        if let Err(e) = self.watcher.watch(conn.into_owned()).await {
-            tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+        tokio::pin!(conn);
+        let stop = self.stop.changed();
+        tokio::select! {
+            ended = conn.as_mut() => return log_end(peer, ended),
+            _ = stop => {}
+            () = activity.idle_for(self.idle) => {}
         }
+        // Finishes the requests in flight (HTTP/2: GOAWAY), then closes.
+        conn.as_mut().graceful_shutdown();
+        log_end(peer, conn.await);
+    }
+}
+
+fn log_end<E: std::fmt::Display>(peer: SocketAddr, ended: Result<(), E>) {
+    if let Err(e) = ended {
+        tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// When a connection last finished or started a request, and how many are in flight: HTTP/2
+/// has no idle timeout of its own, and hyper's HTTP/1 one is the head timeout.
+struct Activity {
+    since: Instant,
+    last_ms: AtomicU64,
+    busy: AtomicUsize,
+}
+
+/// A request in flight on its connection, from the head to the response head.
+struct Busy(Arc<Activity>);
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            since: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            busy: AtomicUsize::new(0),
+        }
+    }
+
+    fn begin(this: &Arc<Self>) -> Busy {
+        this.busy.fetch_add(1, Ordering::Relaxed);
+        this.touch();
+        Busy(Arc::clone(this))
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves once no request has been in flight for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            let now = Instant::now();
+            let quiet_until =
+                self.since + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + limit;
+            let wake = if self.busy.load(Ordering::Relaxed) > 0 {
+                now + limit
+            } else if quiet_until <= now {
+                return;
+            } else {
+                quiet_until
+            };
+            tokio::time::sleep_until(wake).await;
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
     }
 }

@@ -6,6 +6,7 @@ use http::request::Parts;
 use http::uri::Authority;
 use http::{Method, Version};
 
+use crate::framing::FramingConflict;
 use crate::headers::list_tokens;
 
 /// Why a request was refused; the status mapping lives in `error`.
@@ -43,7 +44,8 @@ pub fn check(parts: &Parts) -> Result<(), Rejection> {
     if parts.uri == "*" && parts.method != Method::OPTIONS {
         return Err(Rejection::Asterisk);
     }
-    if h.contains_key(header::CONTENT_LENGTH) && h.contains_key(header::TRANSFER_ENCODING) {
+    let both = h.contains_key(header::CONTENT_LENGTH) && h.contains_key(header::TRANSFER_ENCODING);
+    if both || parts.extensions.get::<FramingConflict>().is_some() {
         return Err(Rejection::AmbiguousFraming);
     }
     if chunked_codings(h) > 1 {

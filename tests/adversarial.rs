@@ -51,6 +51,8 @@ async fn hostile_requests_get_the_right_4xx_and_not_one_byte_reaches_the_backend
         ("chunked twice", b"POST / HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n", "400"),
         ("chunked on two lines", b"POST / HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "400"),
         ("chunked not last", b"POST / HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", "400"),
+        ("Content-Length then chunked", b"POST / HTTP/1.1\r\nHost: app.test\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "400"),
+        ("chunked then Content-Length", b"POST / HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n", "400"),
         ("two Content-Lengths", b"POST / HTTP/1.1\r\nHost: app.test\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", "400"),
         ("bad Content-Length", b"POST / HTTP/1.1\r\nHost: app.test\r\nContent-Length: +3\r\n\r\nabc", "400"),
         ("no Host", b"GET / HTTP/1.1\r\n\r\n", "400"),
@@ -87,41 +89,42 @@ async fn hostile_requests_get_the_right_4xx_and_not_one_byte_reaches_the_backend
     }
 }
 
-/// Content-Length with chunked: hyper follows the chunked coding (RFC 9112 section 6.3), drops
-/// Content-Length and closes the connection after the response (section 6.1), so the tail that
-/// tried to smuggle a second request is never parsed, and the backend sees one framing only.
+/// hyper settles Content-Length with chunked itself (chunked wins) before the service runs;
+/// stickylb follows the framing of the raw stream to refuse such a head anyway. On one keep-alive
+/// connection, bodies that merely look like ambiguous heads pass, and the real one is refused.
 #[tokio::test]
-async fn content_length_with_chunked_cannot_smuggle_a_request() {
+async fn an_ambiguous_head_is_refused_even_behind_bodies_that_look_like_one() {
     let backend = RawBackend::start().await;
     let proxy = proxy_for(&backend, "").await;
-    let smuggle = b"POST / HTTP/1.1\r\nHost: app.test\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n\
-                    3\r\nabc\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: app.test\r\n\r\n";
-    let (reply, closed) = exchange(proxy.addr, smuggle).await;
-    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
-    assert!(
-        closed,
-        "the connection is closed after an ambiguous request"
+    let fake = "GET /fake HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let pipelined = format!(
+        "POST /a HTTP/1.1\r\nHost: app.test\r\nContent-Length: {}\r\n\r\n{fake}\
+         POST /b HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n\
+         {:x}\r\n{fake}\r\n0\r\n\r\n\
+         POST /c HTTP/1.1\r\nHost: app.test\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n\
+         3\r\nabc\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: app.test\r\n\r\n",
+        fake.len(),
+        fake.len()
     );
+    let (reply, closed) = exchange(proxy.addr, pipelined.as_bytes()).await;
+    let statuses: Vec<&str> = reply
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &reply[i + 9..i + 12])
+        .collect();
+    assert_eq!(statuses, ["200", "200", "400"], "{reply}");
+    assert!(closed, "the connection is closed after the refusal");
+    let paths: Vec<String> = backend
+        .connections()
+        .iter()
+        .flat_map(|c| c.requests.iter().map(|(path, _)| path.clone()))
+        .collect();
     assert_eq!(
-        reply.matches("HTTP/1.1").count(),
-        1,
-        "one response: {reply}"
+        paths,
+        ["/a", "/b"],
+        "the refused head never reached the backend"
     );
-    let got = String::from_utf8(backend.received())
-        .unwrap()
-        .to_ascii_lowercase();
-    assert!(!got.contains("smuggled"), "{got}");
-    let framings = ["content-length:", "transfer-encoding:"];
-    let present: Vec<_> = framings.iter().filter(|f| got.contains(*f)).collect();
-    assert_eq!(
-        present.len(),
-        1,
-        "exactly one framing reached the backend: {got}"
-    );
-    assert!(
-        got.ends_with("abc") || got.ends_with("3\r\nabc\r\n0\r\n\r\n"),
-        "{got}"
-    );
+    let got = String::from_utf8_lossy(&backend.received()).into_owned();
+    assert!(!got.contains("/c") && !got.contains("smuggled"), "{got}");
 }
 
 /// What a well-formed request looks like at the backend: hop-by-hop headers and the affinity

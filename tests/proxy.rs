@@ -440,6 +440,59 @@ async fn retries_are_bounded_by_the_setting() {
     );
 }
 
+/// HTTP/2 has no idle timeout of its own in hyper: a connection with no request in flight for
+/// `client_header` gets a GOAWAY and is closed; one with a request in flight still takes new
+/// streams.
+#[tokio::test]
+async fn idle_http2_connections_are_closed_and_busy_ones_are_not() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use std::time::Instant;
+
+    let a = Upstream::start("a").await;
+    let timeouts = "[timeouts]\nclient_header = \"300ms\"\nbackend_response = \"10s\"\n";
+    let proxy = Proxy::start(&config(&[&a], &format!("{QUIET_HEALTH}{timeouts}"))).await;
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let mut conn = tokio::spawn(conn);
+    let get = |path: &str| {
+        let uri = format!("http://{}{path}", proxy.addr);
+        http::Request::get(uri)
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    let held = tokio::spawn(send.send_request(get("/hold")));
+    eventually(Duration::from_secs(5), "the request is held", || {
+        a.holding() == 1
+    })
+    .await;
+    let busy = tokio::time::timeout(Duration::from_millis(900), &mut conn).await;
+    assert!(busy.is_err(), "closed with a request in flight: {busy:?}");
+    let meanwhile = send.send_request(get("/meanwhile")).await;
+    assert_eq!(
+        meanwhile.map(|r| r.status()).ok(),
+        Some(http::StatusCode::OK),
+        "a busy connection past the idle time still takes new streams (no GOAWAY)"
+    );
+    a.release(1);
+    let resp = held.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"a");
+    let idle_from = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(5), &mut conn).await;
+    let idle = idle_from.elapsed();
+    assert!(closed.is_ok(), "an idle HTTP/2 connection stays open");
+    assert!(
+        idle >= Duration::from_millis(250) && idle < Duration::from_secs(2),
+        "closed after {idle:?}, not about 300 ms"
+    );
+    println!("FIGURE h2 idle connection closed {idle:?} after its last response");
+}
+
 #[tokio::test]
 async fn http2_cleartext_clients_are_served_and_pinned() {
     let a = Upstream::start("a").await;

@@ -1,0 +1,434 @@
+//! hyper settles a request head that carries both `Content-Length` and `Transfer-Encoding` before
+//! the service runs (chunked wins, the length is dropped), so the proxy never sees the ambiguity it
+//! must refuse. [`Watch`] follows the HTTP/1 framing of the raw bytes as hyper reads them and
+//! numbers the requests whose head carried both; [`Conflicts::mark`] tags those requests for
+//! `validate`. Anything it cannot follow (HTTP/2, a tunnel, a head hyper refuses) ends the watch.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{ready, Context, Poll};
+
+use http::header;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// hyper's own default limit on request header lines.
+const MAX_HEADERS: usize = 100;
+/// Ambiguous heads remembered at once; more means hostile read-ahead, and the watch ends.
+const MAX_CONFLICTS: usize = 8;
+
+/// Request extension: the head carried both `Content-Length` and `Transfer-Encoding`.
+#[derive(Debug, Clone, Copy)]
+pub struct FramingConflict;
+
+/// Shared by the watched stream (which finds ambiguous heads) and the service (which numbers the
+/// requests hyper hands it, in the same order).
+#[derive(Debug, Default)]
+pub struct Conflicts {
+    served: AtomicU64,
+    ambiguous: Mutex<Vec<u64>>,
+}
+
+impl Conflicts {
+    /// Counts a request and tags it if its head was ambiguous. Only a request that still shows
+    /// `Transfer-Encoding` can be one, so the common case takes no lock.
+    pub fn mark<B>(&self, req: &mut http::Request<B>) {
+        let n = self.served.fetch_add(1, Ordering::Relaxed);
+        if req.headers().contains_key(header::TRANSFER_ENCODING) && self.take(n) {
+            req.extensions_mut().insert(FramingConflict);
+        }
+    }
+
+    fn take(&self, n: u64) -> bool {
+        let mut list = self
+            .ambiguous
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let found = list.iter().position(|&m| m == n);
+        found.map(|i| list.swap_remove(i)).is_some()
+    }
+
+    /// Remembers request `n` as ambiguous; false when too many are pending.
+    fn add(&self, n: u64) -> bool {
+        let mut list = self
+            .ambiguous
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        list.push(n);
+        list.len() <= MAX_CONFLICTS
+    }
+}
+
+/// Wraps a client stream; see the module docs.
+pub struct Watch<I> {
+    io: I,
+    scanner: Scanner,
+}
+
+pub fn watch<I>(io: I, max_head: usize) -> (Watch<I>, Arc<Conflicts>) {
+    let conflicts = Arc::new(Conflicts::default());
+    let scanner = Scanner::new(max_head, Arc::clone(&conflicts));
+    (Watch { io, scanner }, conflicts)
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Watch<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+        this.scanner.feed(&buf.filled()[before..]);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Watch<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// The numbers of the requests a watch flags when this stream arrives in these reads. Public for
+/// the fuzz target, which checks that where the reads split never changes the answer.
+#[doc(hidden)]
+pub fn flagged(reads: &[&[u8]], max_head: usize) -> Vec<u64> {
+    let conflicts = Arc::new(Conflicts::default());
+    let mut scanner = Scanner::new(max_head, Arc::clone(&conflicts));
+    for read in reads {
+        scanner.feed(read);
+    }
+    let mut list = conflicts
+        .ambiguous
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    list.sort_unstable();
+    list
+}
+
+/// Where the byte stream is, in HTTP/1 request framing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Head,
+    /// Bytes of a body (or of a chunk with its CRLF) still to pass.
+    Skip(u64, Then),
+    ChunkSize,
+    Trailers,
+    /// Nothing more can be followed: HTTP/2, a tunnel, or a head hyper will refuse.
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Then {
+    Head,
+    ChunkSize,
+}
+
+/// A complete element (head, chunk-size line, trailer section): its length and what follows.
+struct Element {
+    len: usize,
+    next: State,
+    ambiguous: bool,
+}
+
+struct Scanner {
+    state: State,
+    /// An element split across reads; empty (and unallocated) in the common case.
+    pending: Vec<u8>,
+    heads: u64,
+    max_head: usize,
+    conflicts: Arc<Conflicts>,
+}
+
+impl Scanner {
+    fn new(max_head: usize, conflicts: Arc<Conflicts>) -> Self {
+        Self {
+            state: State::Head,
+            pending: Vec::new(),
+            heads: 0,
+            max_head,
+            conflicts,
+        }
+    }
+
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let used = match self.state {
+                State::Done => return,
+                State::Skip(n, then) => self.skip(n, then, bytes.len()),
+                State::Head | State::ChunkSize | State::Trailers => self.element(bytes),
+            };
+            bytes = &bytes[used..];
+        }
+    }
+
+    fn skip(&mut self, n: u64, then: Then, available: usize) -> usize {
+        let used = n.min(available as u64);
+        self.state = match (n - used, then) {
+            (0, Then::Head) => State::Head,
+            (0, Then::ChunkSize) => State::ChunkSize,
+            (left, then) => State::Skip(left, then),
+        };
+        // `used` is at most `available`, a usize.
+        usize::try_from(used).unwrap_or(available)
+    }
+
+    /// Parses the element that starts in `pending` and goes on in `bytes`; returns how much of
+    /// `bytes` it used.
+    fn element(&mut self, bytes: &[u8]) -> usize {
+        let old = self.pending.len();
+        let was_head = self.state == State::Head;
+        let parsed = if old == 0 {
+            parse(self.state, bytes)
+        } else {
+            self.pending.extend_from_slice(bytes);
+            parse(self.state, &self.pending)
+        };
+        match parsed {
+            Ok(Some(e)) => {
+                self.pending = Vec::new();
+                let len = e.len;
+                self.finish(e, was_head);
+                len - old
+            }
+            Ok(None) => {
+                if old == 0 {
+                    self.pending.extend_from_slice(bytes);
+                }
+                if self.pending.len() > self.max_head {
+                    self.state = State::Done;
+                }
+                bytes.len()
+            }
+            Err(()) => {
+                self.state = State::Done;
+                bytes.len()
+            }
+        }
+    }
+
+    fn finish(&mut self, e: Element, was_head: bool) {
+        self.state = e.next;
+        if !was_head {
+            return;
+        }
+        if e.ambiguous && !self.conflicts.add(self.heads) {
+            self.state = State::Done;
+        }
+        self.heads += 1;
+    }
+}
+
+fn parse(state: State, buf: &[u8]) -> Result<Option<Element>, ()> {
+    match state {
+        State::Head => parse_head(buf),
+        State::ChunkSize => parse_chunk_size(buf),
+        State::Trailers => Ok(parse_trailers(buf)),
+        State::Skip(..) | State::Done => Err(()),
+    }
+}
+
+fn parse_head(buf: &[u8]) -> Result<Option<Element>, ()> {
+    let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req
+        .parse_with_uninit_headers(buf, &mut headers)
+        .map_err(drop)?
+    {
+        httparse::Status::Complete(len) => len,
+        httparse::Status::Partial => return Ok(None),
+    };
+    let (mut length, mut chunked, mut te) = (None, false, false);
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            length = Some(content_length(h.value).ok_or(())?);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            te = true;
+            chunked = last_coding_is_chunked(h.value);
+        }
+    }
+    let next = match (te, length) {
+        (true, _) if chunked => State::ChunkSize,
+        // hyper refuses any other coding.
+        (true, _) => State::Done,
+        (false, Some(0) | None) => State::Head,
+        (false, Some(n)) => State::Skip(n, Then::Head),
+    };
+    let ambiguous = te && length.is_some();
+    Ok(Some(Element {
+        len,
+        next,
+        ambiguous,
+    }))
+}
+
+fn content_length(value: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(value).ok()?.trim();
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+fn last_coding_is_chunked(value: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(value);
+    text.rsplit(',')
+        .next()
+        .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"))
+}
+
+fn parse_chunk_size(buf: &[u8]) -> Result<Option<Element>, ()> {
+    let (len, size) = match httparse::parse_chunk_size(buf).map_err(drop)? {
+        httparse::Status::Complete(done) => done,
+        httparse::Status::Partial => return Ok(None),
+    };
+    let next = match size {
+        0 => State::Trailers,
+        // The chunk's data, then its CRLF.
+        n => State::Skip(n.checked_add(2).ok_or(())?, Then::ChunkSize),
+    };
+    Ok(Some(Element {
+        len,
+        next,
+        ambiguous: false,
+    }))
+}
+
+/// The trailer section after the last chunk ends with an empty line.
+fn parse_trailers(buf: &[u8]) -> Option<Element> {
+    let len = if buf.starts_with(b"\r\n") {
+        2
+    } else {
+        buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4
+    };
+    Some(Element {
+        len,
+        next: State::Head,
+        ambiguous: false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A chunked POST and a sized POST whose bodies look like ambiguous heads, then a really
+    /// ambiguous head, then a GET: only the third request is numbered.
+    const STREAM: &[u8] = b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+        42;ext=1\r\nGET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding:\r\n\
+        chunked\r\n\r\n\r\n0\r\nX-Trailer: 1\r\n\r\n\
+        POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n\
+        GET / HTTP/1.1\r\nContent-Length: 1\r\nTE: chunked\r\n\
+        \r\nPOST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n\
+        5\r\nhello\r\n0\r\n\r\n\
+        GET /d HTTP/1.1\r\nHost: x\r\n\r\n";
+
+    fn scan(pieces: &[&[u8]]) -> (Scanner, Vec<u64>) {
+        let conflicts = Arc::new(Conflicts::default());
+        let mut scanner = Scanner::new(8192, Arc::clone(&conflicts));
+        for piece in pieces {
+            scanner.feed(piece);
+        }
+        let found = conflicts
+            .ambiguous
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        (scanner, found)
+    }
+
+    #[test]
+    fn only_the_ambiguous_head_is_numbered_however_the_reads_fall() {
+        let (whole, found) = scan(&[STREAM]);
+        assert_eq!((whole.heads, whole.state, found), (4, State::Head, vec![2]));
+        for split in 0..STREAM.len() {
+            let (s, found) = scan(&[&STREAM[..split], &STREAM[split..]]);
+            assert_eq!(
+                (s.heads, s.state, found),
+                (4, State::Head, vec![2]),
+                "split at {split}"
+            );
+        }
+        let bytes: Vec<&[u8]> = STREAM.chunks(1).collect();
+        let (s, found) = scan(&bytes);
+        assert_eq!((s.heads, found), (4, vec![2]));
+        assert!(s.pending.capacity() == 0, "no buffer kept between heads");
+    }
+
+    #[test]
+    fn what_cannot_be_followed_ends_the_watch() {
+        let cases: &[&[u8]] = &[
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58",
+        ];
+        for case in cases {
+            let (s, found) = scan(&[case]);
+            assert_eq!((s.state, found.len()), (State::Done, 0), "{case:?}");
+        }
+        let (s, _) = scan(&[b"GET / HTTP/1.1\r\nX: ", &[b'a'; 9000]]);
+        assert_eq!(s.state, State::Done, "an endless head is not buffered");
+    }
+
+    #[test]
+    fn a_flood_of_ambiguous_heads_ends_the_watch() {
+        let head =
+            b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        let flood: Vec<&[u8]> = std::iter::repeat_n(&head[..], 20).collect();
+        let (s, found) = scan(&flood);
+        assert_eq!((s.state, found.len()), (State::Done, MAX_CONFLICTS + 1));
+    }
+
+    #[test]
+    fn the_service_side_tags_the_numbered_request_only() {
+        let conflicts = Conflicts::default();
+        assert!(conflicts.add(1));
+        let request = |te: bool| {
+            let mut b = http::Request::builder();
+            if te {
+                b = b.header("transfer-encoding", "chunked");
+            }
+            b.body(()).unwrap_or_default()
+        };
+        let tagged: Vec<bool> = [true, true, true]
+            .into_iter()
+            .map(|te| {
+                let mut req = request(te);
+                conflicts.mark(&mut req);
+                req.extensions().get::<FramingConflict>().is_some()
+            })
+            .collect();
+        assert_eq!(tagged, [false, true, false]);
+    }
+}
