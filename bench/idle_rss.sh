@@ -2,7 +2,8 @@
 # bench/idle_rss.sh: resident memory of stickylb and HAProxy holding thousands of idle keep-alive
 # client connections, same upstream, same machine, one after the other.
 #
-#   bench/idle_rss.sh            # CONNS=9000 BASE_PORT=29080
+#   bench/idle_rss.sh            # CONNS=9000 BASE_PORT=29080 SETTLE=5 (seconds idle before measuring)
+#   STICKYLB=/tmp/old/stickylb bench/idle_rss.sh   # measure another stickylb build
 #
 # HAProxy insists on two descriptors per maxconn; under this machine's hard limit of 20000 open
 # files that caps it below 10,000 clients, hence 9,000 by default.
@@ -12,7 +13,7 @@
 # Needs: apt-get install haproxy nginx (and curl, python3).
 set -euo pipefail
 unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY ALL_PROXY all_proxy
-CONNS=${CONNS:-9000} BP=${BASE_PORT:-29080}
+CONNS=${CONNS:-9000} BP=${BASE_PORT:-29080} SETTLE=${SETTLE:-5}
 P_UP=$((BP + 1)) P_HAPROXY=$((BP + 10)) P_OURS=$((BP + 12))
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 W=$(mktemp -d /tmp/stickylb-rss.XXXXXX)
@@ -79,8 +80,8 @@ id = "A"
 address = "127.0.0.1:$P_UP"
 CONF
 
-hold() {   # port -> opens CONNS idle keep-alive connections, prints "ready", holds until stdin closes
-    python3 - "$1" "$CONNS" <<'PY'
+# The client program is passed with -c: its stdin must stay the pipe that tells it when to let go.
+read -r -d '' HOLD_PY <<'PY' || true
 import asyncio, sys
 port, n = int(sys.argv[1]), int(sys.argv[2])
 async def one(conns):
@@ -99,6 +100,8 @@ async def main():
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 asyncio.run(main())
 PY
+hold() {   # port -> opens CONNS idle keep-alive connections, prints "ready", holds until stdin closes
+    python3 -c "$HOLD_PY" "$1" "$CONNS"
 }
 
 measure() {   # label pid port
@@ -107,6 +110,7 @@ measure() {   # label pid port
     coproc HOLD { hold "$3"; }
     read -r line <&"${HOLD[0]}"
     [[ $line == "ready $CONNS" ]] || die "$1: clients did not all connect: $line"
+    sleep "$SETTLE"   # idle means idle for a while: each proxy gets to release what it frees
     with=$(rss_kb "$2")
     exec {HOLD[1]}>&-
     wait "$HOLD_PID" || true
@@ -116,7 +120,7 @@ measure() {   # label pid port
 cd "$ROOT" && cargo build --release -q -p stickylb
 haproxy -db -f "$W/haproxy.cfg" >"$W/haproxy.log" 2>&1 &
 HP=$!; PIDS+=($HP); wait_port "$P_HAPROXY"
-RUST_LOG=warn "$ROOT/target/release/stickylb" -c "$W/stickylb.toml" >"$W/stickylb.log" 2>&1 &
+RUST_LOG=warn "${STICKYLB:-$ROOT/target/release/stickylb}" -c "$W/stickylb.toml" >"$W/stickylb.log" 2>&1 &
 OP=$!; PIDS+=($OP); wait_port "$P_OURS"
 echo
 echo "| proxy | RSS idle (MiB) | RSS with $CONNS idle keep-alive clients (MiB) | bytes per connection |"

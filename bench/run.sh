@@ -7,6 +7,7 @@
 # against HAProxy. Compare within one run only: the machine is shared and noisy.
 #
 #   bench/run.sh            # ROUNDS=5 DUR=10 CONNS=50 LOAD_CPU=0 PROXY_CPU=1 BASE_PORT=28080
+#   COMPARE="base=/tmp/old/stickylb" bench/run.sh   # also measure other stickylb builds (A/B)
 #
 # Needs: apt-get install haproxy nginx wrk (and util-linux's taskset, curl).
 set -euo pipefail
@@ -16,7 +17,9 @@ LOAD_CPU=${LOAD_CPU:-0} PROXY_CPU=${PROXY_CPU:-1} BP=${BASE_PORT:-28080}
 P_A=$((BP + 1)) P_B=$((BP + 2)) P_HAPROXY=$((BP + 10)) P_NGINX=$((BP + 11)) P_OURS=$((BP + 12))
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 W=$(mktemp -d /tmp/stickylb-bench.XXXXXX)
-PIDS=()
+PIDS=() TARGETS=(haproxy nginx)
+COMPARE=${COMPARE:-}
+declare -A PORT=([haproxy]=$P_HAPROXY [nginx]=$P_NGINX) CK=()
 
 die() { echo "bench: $*" >&2; exit 1; }
 for tool in haproxy nginx wrk taskset curl; do
@@ -74,7 +77,7 @@ CONF
         server 127.0.0.1:$P_A; server 127.0.0.1:$P_B; keepalive 64; keepalive_requests 1000000; }
       server { listen 127.0.0.1:$P_NGINX; location / { proxy_pass http://ups; proxy_http_version 1.1;
         proxy_set_header Connection \"\"; } }"
-    cat >"$W/stickylb.toml" <<CONF
+    cat >"$W/base.toml" <<CONF
 [runtime]
 workers = 1
 [listener]
@@ -90,8 +93,18 @@ address = "127.0.0.1:$P_A"
 id = "B"
 address = "127.0.0.1:$P_B"
 CONF
-    RUST_LOG=warn taskset -c "$PROXY_CPU" "$ROOT/target/release/stickylb" -c "$W/stickylb.toml" >"$W/stickylb.log" 2>&1 &
-    PIDS+=($!); wait_port "$P_OURS"
+    ours stickylb "$ROOT/target/release/stickylb" "$P_OURS"
+    local n=0 spec
+    for spec in $COMPARE; do
+        n=$((n + 1)); ours "${spec%%=*}" "${spec#*=}" $((P_OURS + n))
+    done
+}
+
+ours() {   # label binary port
+    sed "s/127.0.0.1:$P_OURS/127.0.0.1:$3/" "$W/base.toml" >"$W/$1.toml"
+    RUST_LOG=warn taskset -c "$PROXY_CPU" "$2" -c "$W/$1.toml" >"$W/$1.log" 2>&1 &
+    PIDS+=($!); wait_port "$3"
+    TARGETS+=("$1"); PORT[$1]=$3
 }
 
 cookie_for() {   # port name -> "name=value" from a response served by A
@@ -120,12 +133,12 @@ bench() {   # label port cookie -> "rps p99_ms" appended to results
 
 cd "$ROOT" && cargo build --release -q -p stickylb
 start
-declare -A CK=([haproxy]=$(cookie_for "$P_HAPROXY" SRV) [nginx]=$(nginx_cookie) [stickylb]=$(cookie_for "$P_OURS" stickylb))
-declare -A PORT=([haproxy]=$P_HAPROXY [nginx]=$P_NGINX [stickylb]=$P_OURS)
-for t in haproxy nginx stickylb; do sticky "${PORT[$t]}" "${CK[$t]}" || die "$t is not sticky with ${CK[$t]}"; done
+CK[haproxy]=$(cookie_for "$P_HAPROXY" SRV) CK[nginx]=$(nginx_cookie)
+for t in "${TARGETS[@]:2}"; do CK[$t]=$(cookie_for "${PORT[$t]}" stickylb); done
+for t in "${TARGETS[@]}"; do sticky "${PORT[$t]}" "${CK[$t]}" || die "$t is not sticky with ${CK[$t]}"; done
 sleep 2   # let the health checks of every proxy settle before measuring
 for ROUND in $(seq "$ROUNDS"); do
-    for t in haproxy nginx stickylb; do bench "$t" "${PORT[$t]}" "${CK[$t]}"; done
+    for t in "${TARGETS[@]}"; do bench "$t" "${PORT[$t]}" "${CK[$t]}"; done
     echo "round $ROUND/$ROUNDS done" >&2
 done
 
@@ -138,7 +151,7 @@ for r, t, rps, p99 in rows:
 print(f"\n{sys.argv[2]} interleaved rounds x {sys.argv[3]} s, wrk -t1 -c{sys.argv[4]}, keep-alive, sticky cookie to upstream A, one proxy thread\n")
 print("| proxy | requests/s (median) | p99 ms (median) | rps ratio vs HAProxy | p99 ratio vs HAProxy |")
 print("|---|---|---|---|---|")
-for t in ["haproxy", "nginx", "stickylb"]:
+for t in by:
     rps = statistics.median(v[0] for v in by[t].values())
     p99 = statistics.median(v[1] for v in by[t].values())
     rr = statistics.median(by[t][r][0] / by["haproxy"][r][0] for r in by[t])
