@@ -178,6 +178,8 @@ pub struct HealthConfig {
 #[derive(Debug, Clone)]
 pub struct TimeoutConfig {
     pub client_header: Duration,
+    /// A quiet HTTP/1 client connection is parked (its buffers freed) after this long.
+    pub client_park: Duration,
     pub backend_connect: Duration,
     pub backend_response: Duration,
     pub shutdown_grace: Duration,
@@ -338,6 +340,8 @@ mod raw {
         #[serde(with = "humantime_serde")]
         pub client_header: Duration,
         #[serde(with = "humantime_serde")]
+        pub client_park: Duration,
+        #[serde(with = "humantime_serde")]
         pub backend_connect: Duration,
         #[serde(with = "humantime_serde")]
         pub backend_response: Duration,
@@ -351,6 +355,7 @@ mod raw {
         fn default() -> Self {
             Self {
                 client_header: Duration::from_secs(10),
+                client_park: Duration::from_secs(1),
                 backend_connect: Duration::from_secs(2),
                 backend_response: Duration::from_secs(30),
                 shutdown_grace: Duration::from_secs(10),
@@ -669,6 +674,7 @@ fn health(raw: raw::Health, ctx: &Ctx) -> Result<HealthConfig, ConfigError> {
 fn timeouts(raw: raw::Timeouts, ctx: &Ctx) -> Result<TimeoutConfig, ConfigError> {
     let all = [
         ("timeouts.client_header", raw.client_header),
+        ("timeouts.client_park", raw.client_park),
         ("timeouts.backend_connect", raw.backend_connect),
         ("timeouts.backend_response", raw.backend_response),
         ("timeouts.tunnel_idle", raw.tunnel_idle),
@@ -680,6 +686,7 @@ fn timeouts(raw: raw::Timeouts, ctx: &Ctx) -> Result<TimeoutConfig, ConfigError>
     }
     Ok(TimeoutConfig {
         client_header: raw.client_header,
+        client_park: raw.client_park,
         backend_connect: raw.backend_connect,
         backend_response: raw.backend_response,
         shutdown_grace: raw.shutdown_grace,

@@ -7,7 +7,7 @@
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
 
@@ -29,6 +29,12 @@ pub struct FramingConflict;
 pub struct Conflicts {
     served: AtomicU64,
     ambiguous: Mutex<Vec<u64>>,
+    /// Heads the watch has seen complete.
+    seen: AtomicU64,
+    /// The watch stands between two requests with no byte of the next one read.
+    between: AtomicBool,
+    /// The watch could not follow the stream (HTTP/2, a tunnel, a refused head) and has stopped.
+    lost: AtomicBool,
 }
 
 impl Conflicts {
@@ -39,6 +45,23 @@ impl Conflicts {
         if req.headers().contains_key(header::TRANSFER_ENCODING) && self.take(n) {
             req.extensions_mut().insert(FramingConflict);
         }
+    }
+
+    /// Requests handed to the service so far.
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    /// True when every byte read so far belongs to requests already handed to the service, whose
+    /// bodies have been read whole: whoever reads this stream holds nothing unprocessed.
+    pub fn at_rest(&self) -> bool {
+        self.between.load(Ordering::Relaxed)
+            && self.seen.load(Ordering::Relaxed) == self.served.load(Ordering::Relaxed)
+    }
+
+    /// True once the watch has stopped following the stream, for good.
+    pub fn lost(&self) -> bool {
+        self.lost.load(Ordering::Relaxed)
     }
 
     fn take(&self, n: u64) -> bool {
@@ -183,11 +206,16 @@ impl Scanner {
     fn feed(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
             let used = match self.state {
-                State::Done => return,
+                State::Done => break,
                 State::Skip(n, then) => self.skip(n, then, bytes.len()),
                 State::Head | State::ChunkSize | State::Trailers => self.element(bytes),
             };
             bytes = &bytes[used..];
+        }
+        let between = self.state == State::Head && self.pending.is_empty();
+        self.conflicts.between.store(between, Ordering::Relaxed);
+        if self.state == State::Done {
+            self.conflicts.lost.store(true, Ordering::Relaxed);
         }
     }
 
@@ -245,6 +273,7 @@ impl Scanner {
             self.state = State::Done;
         }
         self.heads += 1;
+        self.conflicts.seen.store(self.heads, Ordering::Relaxed);
     }
 }
 
@@ -430,5 +459,38 @@ mod tests {
             })
             .collect();
         assert_eq!(tagged, [false, true, false]);
+    }
+
+    /// Parking relies on this: "at rest" only when every byte read belongs to requests handed
+    /// over whole.
+    #[test]
+    fn at_rest_only_between_requests_all_handed_over() {
+        let conflicts = Arc::new(Conflicts::default());
+        let mut scanner = Scanner::new(8192, Arc::clone(&conflicts));
+        let hand_over = || conflicts.mark(&mut http::Request::new(()));
+        let steps: &[(&[u8], bool, bool)] = &[
+            // (bytes read, a request handed to the service after them, at rest)
+            (b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n", false, false),
+            (b"", true, true),
+            (
+                b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nab",
+                true,
+                false,
+            ),
+            (b"cd", false, true),
+            (b"GET /c HT", false, false),
+            (b"TP/1.1\r\n\r\nGET /d HTTP/1.1\r\n\r\n", true, false),
+            (b"", true, true),
+            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", false, false),
+        ];
+        for (i, (bytes, handed, rest)) in steps.iter().enumerate() {
+            assert!(!conflicts.lost(), "step {i}");
+            scanner.feed(bytes);
+            if *handed {
+                hand_over();
+            }
+            assert_eq!(conflicts.at_rest(), *rest, "step {i}");
+        }
+        assert!(conflicts.lost(), "HTTP/2 cannot be followed");
     }
 }

@@ -17,6 +17,7 @@
 //! - [`error`]: the one mapping from failures to 502/503/504.
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2 (h2c, or TLS with ALPN), idle connections,
 //!   graceful shutdown.
+//! - [`park`]: lending a socket to hyper and taking it back, so quiet connections hold no buffers.
 //! - [`tls`]: loading the certificate and key into a rustls configuration.
 //! - [`tunnel`]: relaying upgraded connections (WebSocket) with an idle timeout.
 //! - [`admin`]: the admin listener: status, drain/maintenance/enable, reload, metrics, dashboard.
@@ -37,6 +38,7 @@ pub mod headers;
 pub mod health;
 pub mod heartbeat;
 pub mod metrics;
+pub mod park;
 pub mod proxy;
 pub mod reload;
 pub mod routing;
@@ -94,6 +96,11 @@ impl Stickylb {
         self.routing.load().find(id).cloned()
     }
 
+    /// Idle HTTP/1 client connections parked right now (see `park`): for tools and tests.
+    pub fn parked_connections(&self) -> i64 {
+        self.metrics.parked().get()
+    }
+
     /// Re-reads the config file and swaps the routing state; on error nothing changes.
     pub async fn reload(&self, trigger: &'static str) -> Result<(), ConfigError> {
         self.reloader.reload(trigger).await
@@ -125,6 +132,8 @@ impl Stickylb {
         ));
         let settings = server::ServerSettings {
             client_header_timeout: self.config.timeouts.client_header,
+            park_after: self.config.timeouts.client_park,
+            parked: self.metrics.parked(),
             shutdown_grace: self.config.timeouts.shutdown_grace,
             max_connections: self.config.limits.max_connections,
             max_header_bytes: self.config.limits.max_header_bytes,

@@ -48,6 +48,7 @@ pub struct Metrics {
     active: Family<BackendLabels, Gauge>,
     heartbeat_latency: Histograms,
     upstream_latency: Histograms,
+    parked: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -67,6 +68,7 @@ impl Default for Metrics {
             active: Family::default(),
             heartbeat_latency: Family::new_with_constructor(latency_histogram),
             upstream_latency: Family::new_with_constructor(latency_histogram),
+            parked: Gauge::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -89,6 +91,11 @@ impl Default for Metrics {
             "active_requests",
             "In-flight requests per backend",
             m.active.clone(),
+        );
+        r.register(
+            "parked_connections",
+            "Idle HTTP/1 client connections parked: socket kept, no buffers held",
+            m.parked.clone(),
         );
         let hb = m.heartbeat_latency.clone();
         r.register("heartbeat_latency_seconds", "Heartbeat round trip", hb);
@@ -137,6 +144,11 @@ impl Metrics {
 
     pub fn heartbeat_latency(&self, backend: &str, took: Duration) {
         observe(&self.heartbeat_latency, backend, took);
+    }
+
+    /// The gauge of parked connections, for the server to move.
+    pub fn parked(&self) -> Gauge {
+        self.parked.clone()
     }
 
     pub fn failover(&self, reason: &'static str) {

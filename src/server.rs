@@ -1,24 +1,29 @@
 //! The client-facing listener: accepts connections on an already-bound socket, serves HTTP/1.1
-//! and HTTP/2 on each (h2c, or over TLS with ALPN), and on shutdown stops accepting and lets
-//! in-flight requests finish within the grace period.
+//! and HTTP/2 on each (h2c, or over TLS with ALPN), parks quiet HTTP/1 connections, and on
+//! shutdown stops accepting and lets in-flight requests finish within the grace period.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use http_body::{Body, Frame, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use tokio::io::{AsyncRead, AsyncWrite};
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
-use crate::framing;
+use crate::framing::{self, Conflicts, Watch};
+use crate::park::{Home, Parkable};
 use crate::proxy::Proxy;
 
 /// Pause after a failed accept (for example out of file descriptors), so the loop neither dies
@@ -27,6 +32,11 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 pub struct ServerSettings {
     pub client_header_timeout: Duration,
+    /// An HTTP/1 connection quiet this long is parked: its hyper state and buffers are freed
+    /// while the socket waits for the next request (see `park`).
+    pub park_after: Duration,
+    /// Counts the parked connections.
+    pub parked: Gauge,
     pub shutdown_grace: Duration,
     pub max_connections: usize,
     pub max_header_bytes: usize,
@@ -75,12 +85,15 @@ pub async fn serve(
             peer,
             max_head: settings.max_header_bytes,
             idle: settings.client_header_timeout,
+            park_after: settings.park_after,
+            parked: settings.parked.clone(),
         };
         let (tls, handshake) = (tls.clone(), settings.client_header_timeout);
         tokio::spawn(async move {
             match tls {
                 None => conn.serve(stream, "http").await,
-                Some(acceptor) => conn.serve_tls(acceptor, stream, handshake).await,
+                // Boxed: its larger state would otherwise size every plaintext connection's task.
+                Some(acceptor) => Box::pin(conn.serve_tls(acceptor, stream, handshake)).await,
             }
             drop(slot);
         });
@@ -144,6 +157,8 @@ struct Conn {
     max_head: usize,
     /// A connection with no request in flight for this long is closed gracefully.
     idle: Duration,
+    park_after: Duration,
+    parked: Gauge,
 }
 
 impl Conn {
@@ -156,37 +171,176 @@ impl Conn {
     }
 
     /// Serves HTTP/1.1 or HTTP/2 (by preface; under TLS ALPN has agreed on it) with upgrades,
-    /// until the peer closes, the connection idles out, or the server stops.
+    /// until the peer closes, the connection idles out, or the server stops. A quiet HTTP/1
+    /// connection is parked and served again by a fresh hyper connection when bytes arrive.
     async fn serve<I>(mut self, io: I, proto: &'static str)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (proxy, peer) = (self.proxy, self.peer);
-        let (io, conflicts) = framing::watch(io, self.max_head);
+        let (proxy, peer) = (Arc::clone(&self.proxy), self.peer);
+        let (mut io, conflicts) = framing::watch(io, self.max_head);
         let activity = Arc::new(Activity::new());
-        let seen = Arc::clone(&activity);
+        let (seen, marks) = (Arc::clone(&activity), Arc::clone(&conflicts));
         let svc = service_fn(move |mut req| {
-            conflicts.mark(&mut req);
+            marks.mark(&mut req);
             let (proxy, busy) = (Arc::clone(&proxy), Activity::begin(&seen));
             async move {
                 let resp = proxy.handle(req, peer, proto).await;
-                drop(busy);
-                resp
+                resp.map(|r| r.map(|body| Tracked { body, _busy: busy }))
             }
         });
-        let conn = self
-            .builder
-            .serve_connection_with_upgrades(TokioIo::new(io), svc);
-        tokio::pin!(conn);
-        let stop = self.stop.changed();
-        tokio::select! {
-            ended = conn.as_mut() => return log_end(peer, ended),
-            _ = stop => {}
-            () = activity.idle_for(self.idle) => {}
+        let (home, builder) = (Home::new(), Arc::clone(&self.builder));
+        let mut parked = None;
+        loop {
+            // Waiting costs no hyper state: it is made, boxed, when bytes arrive.
+            let Some(first) = self.first_byte(&mut io, &activity).await else {
+                return;
+            };
+            drop(parked.take());
+            let lent = TokioIo::new(Parkable::new(io, first, &home));
+            let conn = Box::pin(builder.serve_connection_with_upgrades(lent, svc.clone()));
+            if !self.until_quiet(conn, &activity, &conflicts, &home).await {
+                return;
+            }
+            match home.take() {
+                Some(back) => io = back,
+                None => return,
+            }
+            parked = Some(Parked::new(&self.parked));
         }
-        // Finishes the requests in flight (HTTP/2: GOAWAY), then closes.
-        conn.as_mut().graceful_shutdown();
-        log_end(peer, conn.await);
+    }
+
+    /// The first byte of the next request, or None when the peer closes, the connection idles
+    /// out or the server stops first.
+    async fn first_byte<I: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut I,
+        activity: &Activity,
+    ) -> Option<u8> {
+        let mut byte = [0; 1];
+        tokio::select! {
+            read = io.read(&mut byte) => match read {
+                Ok(1) => Some(byte[0]),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::debug!(peer = %self.peer, error = %e, "read failed");
+                    None
+                }
+            },
+            _ = self.stop.changed() => None,
+            () = activity.idle_for(self.idle) => None,
+        }
+    }
+
+    /// Drives one hyper connection until it ends, the server stops or the connection idles out
+    /// (then it is closed gracefully), or it is quiet and at rest (then it is parked: true).
+    async fn until_quiet<I, F>(
+        &mut self,
+        mut conn: Pin<Box<F>>,
+        activity: &Activity,
+        conflicts: &Conflicts,
+        home: &Home<Watch<I>>,
+    ) -> bool
+    where
+        F: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + Graceful,
+    {
+        let start = conflicts.served();
+        let mut not_before = Instant::now();
+        let park = loop {
+            let quiet = async {
+                tokio::time::sleep_until(not_before).await;
+                activity.idle_for(self.park_after).await;
+            };
+            tokio::select! {
+                ended = conn.as_mut() => {
+                    log_end(self.peer, ended);
+                    return false;
+                }
+                _ = self.stop.changed() => break false,
+                () = activity.idle_for(self.idle) => break false,
+                // HTTP/2 and tunnels are never parked: the watch has lost the stream.
+                () = quiet, if !conflicts.lost() => {
+                    // Only a connection that served a request and holds no unread byte; one
+                    // holding part of a head is looked at again a period later.
+                    if conflicts.served() > start && conflicts.at_rest() {
+                        break true;
+                    }
+                    not_before = Instant::now() + self.park_after;
+                }
+            }
+        };
+        if park {
+            tracing::trace!(peer = %self.peer, "parking connection");
+            home.park();
+        }
+        // Finishes the requests in flight (HTTP/2: GOAWAY), then closes or parks.
+        conn.as_mut().graceful();
+        let ended = conn.await;
+        let parked = park && ended.is_ok();
+        log_end(self.peer, ended);
+        parked
+    }
+}
+
+/// Counts a connection as parked while it lives.
+struct Parked(Gauge);
+
+impl Parked {
+    fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// hyper-util's connection types each have their own `graceful_shutdown`; this names it once.
+trait Graceful {
+    fn graceful(self: Pin<&mut Self>);
+}
+
+impl<I, S, E> Graceful for hyper_util::server::conn::auto::UpgradeableConnection<'_, I, S, E>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::ResBody: Body + Send + 'static,
+    <S::ResBody as Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
+{
+    fn graceful(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// A response body that keeps its request counted as in flight until hyper has sent it whole
+/// or dropped it: a connection is idle, and may be parked, only once its last response is out.
+struct Tracked<B> {
+    body: B,
+    _busy: Busy,
+}
+
+impl<B: Body + Unpin> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -204,7 +358,7 @@ struct Activity {
     busy: AtomicUsize,
 }
 
-/// A request in flight on its connection, from the head to the response head.
+/// A request in flight on its connection, from the head to the end of the response body.
 struct Busy(Arc<Activity>);
 
 impl Activity {

@@ -493,6 +493,87 @@ async fn idle_http2_connections_are_closed_and_busy_ones_are_not() {
     println!("FIGURE h2 idle connection closed {idle:?} after its last response");
 }
 
+/// A quiet HTTP/1 connection is parked (hyper's state and buffers freed, the socket kept) and
+/// serves its next request as if nothing happened. One holding part of a next head is never
+/// parked: hyper's buffer, and those bytes with it, would be lost.
+#[tokio::test]
+async fn quiet_http1_connections_are_parked_and_keep_serving() {
+    use tokio::io::AsyncWriteExt;
+    let a = Upstream::start("a").await;
+    let park = "[timeouts]\nclient_park = \"50ms\"\n";
+    let proxy = Proxy::start(&config(&[&a], &format!("{QUIET_HEALTH}{park}"))).await;
+    let parked = || proxy.lb.parked_connections();
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+
+    conn.write_all(get("/one").as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut conn).await, (200, "a".to_string()));
+    eventually(
+        Duration::from_secs(5),
+        "the quiet connection is parked",
+        || parked() == 1,
+    )
+    .await;
+    conn.write_all(get("/two").as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut conn).await, (200, "a".to_string()));
+    assert_eq!(
+        parked(),
+        0,
+        "a connection serving again is not counted as parked"
+    );
+
+    let three = get("/three");
+    let (start, rest) = three.split_at(9);
+    conn.write_all(start.as_bytes()).await.unwrap();
+    // Six park periods with part of a head read: the connection must stay with hyper.
+    let window = tokio::time::Instant::now() + Duration::from_millis(300);
+    while tokio::time::Instant::now() < window {
+        assert_eq!(parked(), 0, "parked while holding part of a head");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    conn.write_all(rest.as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut conn).await, (200, "a".to_string()));
+    let paths: Vec<String> = a.seen().into_iter().map(|s| s.path).collect();
+    assert_eq!(paths, ["/one", "/two", "/three"]);
+
+    eventually(Duration::from_secs(5), "parked again", || parked() == 1).await;
+    drop(conn);
+    eventually(
+        Duration::from_secs(5),
+        "a parked connection closed by its client is gone",
+        || parked() == 0,
+    )
+    .await;
+}
+
+/// Reads one HTTP/1 response with a `Content-Length` body: (status, body).
+async fn read_response(conn: &mut tokio::net::TcpStream) -> (u16, String) {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let deadline = Duration::from_secs(5);
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let head = text[..end].to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if got.len() >= end + 4 + length {
+                let status = text[9..12].parse().unwrap();
+                return (status, text[end + 4..end + 4 + length].to_string());
+            }
+        }
+        let n = tokio::time::timeout(deadline, conn.read(&mut buf))
+            .await
+            .expect("a response within 5 s")
+            .unwrap();
+        assert!(n > 0, "closed before a whole response: {text:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
 #[tokio::test]
 async fn http2_cleartext_clients_are_served_and_pinned() {
     let a = Upstream::start("a").await;
