@@ -6,9 +6,10 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use common::{config, Proxy, Upstream};
+use common::{config, eventually, Proxy, Upstream};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -148,4 +149,54 @@ fn a_bad_certificate_or_key_is_a_config_error_naming_the_key() {
         assert_eq!(e.key, key, "{e}");
         assert!(e.to_string().contains("t.toml"), "{e}");
     }
+}
+
+/// Parking works under TLS too: the TLS session outlives the parked hyper connection, and the
+/// next request on it is served. HTTP/2 connections are never parked.
+#[tokio::test]
+async fn quiet_tls_http1_connections_are_parked_and_http2_ones_are_not() {
+    let cert = test_cert();
+    let a = Upstream::start("a").await;
+    let park = "[timeouts]\nclient_park = \"50ms\"\n[health]";
+    let proxy = Proxy::start(&tls_config(&[&a], &cert).replacen("[health]", park, 1)).await;
+    let parked = || proxy.lb.parked_connections();
+    let get = || {
+        Request::get("https://app.test/")
+            .header("host", "app.test")
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
+    let io = TokioIo::new(connect(proxy.addr, &cert, b"http/1.1").await);
+    let (mut send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    for round in 0..2 {
+        send.ready().await.unwrap();
+        let resp = send.send_request(get()).await.unwrap();
+        assert_eq!(resp.status(), 200, "round {round}");
+        assert_eq!(
+            &resp.into_body().collect().await.unwrap().to_bytes()[..],
+            b"a"
+        );
+        eventually(
+            Duration::from_secs(5),
+            "the TLS connection is parked",
+            || parked() == 1,
+        )
+        .await;
+    }
+
+    let io = TokioIo::new(connect(proxy.addr, &cert, b"h2").await);
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+        .await
+        .unwrap();
+    let h2_conn = tokio::spawn(conn);
+    assert_eq!(h2.send_request(get()).await.unwrap().status(), 200);
+    // Six park periods with the HTTP/2 connection open and quiet: it stays with hyper.
+    let window = tokio::time::Instant::now() + Duration::from_millis(300);
+    while tokio::time::Instant::now() < window {
+        assert_eq!(parked(), 1, "an HTTP/2 connection was parked");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!h2_conn.is_finished(), "the HTTP/2 connection stayed open");
+    assert_eq!(h2.send_request(get()).await.unwrap().status(), 200);
 }
