@@ -181,6 +181,8 @@ pub struct TimeoutConfig {
     /// A quiet HTTP/1 client connection is parked (its buffers freed) after this long.
     pub client_park: Duration,
     pub backend_connect: Duration,
+    /// A pooled upstream connection unused for this long is closed.
+    pub backend_idle: Duration,
     pub backend_response: Duration,
     pub shutdown_grace: Duration,
     /// An upgraded connection (WebSocket) with no bytes either way for this long is closed.
@@ -344,6 +346,8 @@ mod raw {
         #[serde(with = "humantime_serde")]
         pub backend_connect: Duration,
         #[serde(with = "humantime_serde")]
+        pub backend_idle: Duration,
+        #[serde(with = "humantime_serde")]
         pub backend_response: Duration,
         #[serde(with = "humantime_serde")]
         pub shutdown_grace: Duration,
@@ -357,6 +361,7 @@ mod raw {
                 client_header: Duration::from_secs(10),
                 client_park: Duration::from_secs(1),
                 backend_connect: Duration::from_secs(2),
+                backend_idle: Duration::from_secs(4),
                 backend_response: Duration::from_secs(30),
                 shutdown_grace: Duration::from_secs(10),
                 tunnel_idle: Duration::from_secs(3600),
@@ -676,6 +681,7 @@ fn timeouts(raw: raw::Timeouts, ctx: &Ctx) -> Result<TimeoutConfig, ConfigError>
         ("timeouts.client_header", raw.client_header),
         ("timeouts.client_park", raw.client_park),
         ("timeouts.backend_connect", raw.backend_connect),
+        ("timeouts.backend_idle", raw.backend_idle),
         ("timeouts.backend_response", raw.backend_response),
         ("timeouts.tunnel_idle", raw.tunnel_idle),
     ];
@@ -688,6 +694,7 @@ fn timeouts(raw: raw::Timeouts, ctx: &Ctx) -> Result<TimeoutConfig, ConfigError>
         client_header: raw.client_header,
         client_park: raw.client_park,
         backend_connect: raw.backend_connect,
+        backend_idle: raw.backend_idle,
         backend_response: raw.backend_response,
         shutdown_grace: raw.shutdown_grace,
         tunnel_idle: raw.tunnel_idle,

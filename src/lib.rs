@@ -124,7 +124,8 @@ impl Stickylb {
             };
             tokio::spawn(admin::serve(l, Arc::new(api)))
         });
-        let client = proxy::upstream_client(self.config.timeouts.backend_connect);
+        let timeouts = &self.config.timeouts;
+        let client = proxy::upstream_client(timeouts.backend_connect, timeouts.backend_idle);
         let proxy = Arc::new(Proxy::new(
             Arc::clone(&self.routing),
             client,

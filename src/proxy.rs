@@ -48,15 +48,17 @@ impl AffinityOutcome {
     }
 }
 
-/// Builds the pooled keep-alive client used for all backend traffic.
-pub fn upstream_client(connect_timeout: Duration) -> UpstreamClient {
+/// Builds the pooled keep-alive client used for all backend traffic. `idle_timeout` closes unused
+/// connections before backends do (see `timeouts.backend_idle`): a backend closing first races
+/// with a reuse, and a request caught in that race may fail.
+pub fn upstream_client(connect_timeout: Duration, idle_timeout: Duration) -> UpstreamClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(connect_timeout));
     connector.enforce_http(true);
     Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_idle_timeout(idle_timeout)
         .build(connector)
 }
 

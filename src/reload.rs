@@ -141,8 +141,16 @@ fn warn_restart_needed(old: &Config, new: &Config) {
             old.timeouts.backend_connect != new.timeouts.backend_connect,
         ),
         (
+            "timeouts.backend_idle",
+            old.timeouts.backend_idle != new.timeouts.backend_idle,
+        ),
+        (
             "timeouts.client_header",
             old.timeouts.client_header != new.timeouts.client_header,
+        ),
+        (
+            "timeouts.client_park",
+            old.timeouts.client_park != new.timeouts.client_park,
         ),
         (
             "timeouts.shutdown_grace",

@@ -211,6 +211,39 @@ async fn a_client_abort_mid_body_aborts_the_upstream_request_and_its_connection(
 
 /// `timeouts.client_header` bounds both a slow request head (slowloris) and an idle keep-alive
 /// connection: hyper starts the clock whenever it waits for a request head.
+/// Idle upstream connections are reused while fresh and closed after `timeouts.backend_idle`, so
+/// stickylb lets go first rather than racing a backend's own keep-alive timeout with a reuse.
+#[tokio::test]
+async fn idle_upstream_connections_are_reused_then_closed_after_backend_idle() {
+    let backend = RawBackend::start().await;
+    let proxy = proxy_for(&backend, "[timeouts]\nbackend_idle = \"300ms\"\n").await;
+    let get = b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    for _ in 0..2 {
+        let (reply, _) = exchange(proxy.addr, get).await;
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    }
+    let idle_from = std::time::Instant::now();
+    let conns = backend.connections();
+    assert_eq!(
+        conns.len(),
+        1,
+        "the second request reused the pooled connection"
+    );
+    assert_eq!(conns[0].requests.len(), 2);
+    eventually(
+        Duration::from_secs(5),
+        "the idle upstream connection is closed",
+        || backend.connections()[0].closed,
+    )
+    .await;
+    let idle = idle_from.elapsed();
+    assert!(
+        idle >= Duration::from_millis(250) && idle < Duration::from_millis(1500),
+        "closed after {idle:?}, not about 300 ms"
+    );
+    println!("FIGURE idle upstream connection closed {idle:?} after its last use");
+}
+
 #[tokio::test]
 async fn slow_heads_and_idle_keep_alive_connections_are_closed_after_client_header() {
     let backend = RawBackend::start().await;
