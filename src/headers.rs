@@ -38,15 +38,25 @@ pub fn list_tokens<'a>(h: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Ite
         .map(str::trim)
 }
 
-/// Removes hop-by-hop headers, including every header the `Connection` header names.
+/// Removes hop-by-hop headers, including every header the `Connection` header names. Looks
+/// first at which are present (a message has few names), so the common message costs one pass
+/// and no removal.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = list_tokens(headers, &header::CONNECTION)
-        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+    let mut doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| *k == header::UPGRADE || HOP_BY_HOP.contains(k))
+        .cloned()
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    if doomed.is_empty() {
+        return;
+    }
+    let named = list_tokens(headers, &header::CONNECTION)
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+        .filter(|name| headers.contains_key(name));
+    doomed.extend(named);
+    for name in &doomed {
         headers.remove(name);
     }
-    headers.remove(header::UPGRADE);
 }
 
 /// The protocol an HTTP/1.1 request asks to switch to (`Upgrade`, with `upgrade` among the
@@ -64,9 +74,25 @@ pub fn keep_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
     headers.insert(header::UPGRADE, protocol);
 }
 
+/// The client's address, and its header value formatted once per connection, not per request.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub ip: IpAddr,
+    value: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(ip: IpAddr) -> Self {
+        Self {
+            ip,
+            value: HeaderValue::from(IpHeader(ip)),
+        }
+    }
+}
+
 /// What this hop knows about the client's connection.
 pub struct Hop<'a> {
-    pub peer: IpAddr,
+    pub peer: &'a Peer,
     /// `http` or `https`, as the client connected.
     pub proto: &'static str,
     pub forwarding: &'a ForwardingConfig,
@@ -94,8 +120,8 @@ pub fn prepare_request(parts: &mut Parts, hop: &Hop<'_>) {
         .forwarded
         .then(|| forwarded_element(hop, host.as_ref()));
     let h = &mut parts.headers;
-    let peer = HeaderValue::from(IpHeader(hop.peer));
-    if hop.forwarding.trusts(hop.peer) {
+    let peer = hop.peer.value.clone();
+    if hop.forwarding.trusts(hop.peer.ip) {
         append_to_chain(h, X_FORWARDED_FOR, &peer);
         if let Some(element) = element.or_else(|| {
             h.contains_key(header::FORWARDED)
@@ -148,7 +174,7 @@ fn keep_or_set(h: &mut HeaderMap, name: HeaderName, value: Option<HeaderValue>) 
 /// One RFC 7239 element: `for=...;proto=...;host=...`, IPv6 bracketed and quoted, and a host
 /// quoted when it is not a token (a port's colon).
 fn forwarded_element(hop: &Hop<'_>, host: Option<&HeaderValue>) -> HeaderValue {
-    let node = match hop.peer {
+    let node = match hop.peer.ip {
         IpAddr::V4(ip) => ip.to_string(),
         IpAddr::V6(ip) => format!("\"[{ip}]\""),
     };
@@ -206,19 +232,19 @@ mod tests {
         assert_eq!(left, vec!["x-kept"]);
     }
 
-    fn hop(peer: &str, trusted: &[&str], forwarded: bool) -> (IpAddr, ForwardingConfig) {
+    fn hop(peer: &str, trusted: &[&str], forwarded: bool) -> (Peer, ForwardingConfig) {
         let forwarding = ForwardingConfig {
             trusted_proxies: trusted.iter().map(|n| n.parse().expect("cidr")).collect(),
             forwarded,
         };
-        (peer.parse().expect("ip"), forwarding)
+        (Peer::new(peer.parse().expect("ip")), forwarding)
     }
 
     fn prepared(headers: &[(&str, &str)], peer: &str, trusted: &[&str], fwd: bool) -> HeaderMap {
         let mut p = parts(headers, "/");
         let (peer, forwarding) = hop(peer, trusted, fwd);
         let hop = Hop {
-            peer,
+            peer: &peer,
             proto: "http",
             forwarding: &forwarding,
         };
@@ -287,7 +313,7 @@ mod tests {
         let mut p = parts(&[], "http://shop.example:8080/cart");
         let (peer, forwarding) = hop("::1", &[], false);
         let hop = Hop {
-            peer,
+            peer: &peer,
             proto: "http",
             forwarding: &forwarding,
         };

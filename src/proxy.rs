@@ -2,7 +2,6 @@
 //! a bounded number of attempts. Failover is simply a later candidate answering.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -106,7 +105,7 @@ impl Proxy {
     pub async fn handle(
         &self,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        peer: &headers::Peer,
         proto: &'static str,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let started = Instant::now();
@@ -117,7 +116,7 @@ impl Proxy {
             affinity: AffinityOutcome::New,
         };
         let hop = headers::Hop {
-            peer: peer.ip(),
+            peer,
             proto,
             forwarding: &routing.forwarding,
         };

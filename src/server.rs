@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use crate::framing::{self, Conflicts, Watch};
+use crate::headers::Peer;
 use crate::park::{Home, Parkable};
 use crate::proxy::Proxy;
 
@@ -181,11 +182,13 @@ impl Conn {
         let (mut io, conflicts) = framing::watch(io, self.max_head);
         let activity = Arc::new(Activity::new());
         let (seen, marks) = (Arc::clone(&activity), Arc::clone(&conflicts));
+        let client = Arc::new(Peer::new(peer.ip()));
         let svc = service_fn(move |mut req| {
             marks.mark(&mut req);
             let (proxy, busy) = (Arc::clone(&proxy), Activity::begin(&seen));
+            let client = Arc::clone(&client);
             async move {
-                let resp = proxy.handle(req, peer, proto).await;
+                let resp = proxy.handle(req, &client, proto).await;
                 resp.map(|r| r.map(|body| Tracked { body, _busy: busy }))
             }
         });

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# bench/instructions.sh: user-space instructions stickylb spends per proxied request, counted by
+# valgrind's callgrind. Unlike requests/s on a shared machine, the count barely moves between runs
+# (about 0.1%), so it can judge small changes to the request path.
+#
+#   bench/instructions.sh [BINARY]    # REQUESTS=2000 CONNS=10 BASE_PORT=29300
+#
+# One nginx upstream, stickylb (one worker) under callgrind with instrumentation off; a warm-up of
+# 500 keep-alive requests carrying the affinity cookie, then instrumentation on for REQUESTS more.
+# Needs: apt-get install valgrind nginx (and curl, python3).
+set -euo pipefail
+unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY ALL_PROXY all_proxy
+REQUESTS=${REQUESTS:-2000} CONNS=${CONNS:-10} BP=${BASE_PORT:-29300}
+P_UP=$((BP + 1)) P_OURS=$((BP + 2))
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BIN=${1:-$ROOT/target/release/stickylb}
+W=$(mktemp -d /tmp/stickylb-ir.XXXXXX)
+PIDS=()
+die() { echo "instructions: $*" >&2; exit 1; }
+for tool in valgrind callgrind_control nginx curl python3; do command -v "$tool" >/dev/null || die "$tool is missing"; done
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+wait_port() {
+    for _ in $(seq 300); do curl -s -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.1; done
+    die "nothing answers on port $1 (logs in $W)"
+}
+mkdir -p "$W/up/tmp"
+cat >"$W/up/nginx.conf" <<CONF
+worker_processes 1; pid $W/up/nginx.pid; error_log $W/up/error.log warn;
+events { worker_connections 1024; }
+http { access_log off; keepalive_requests 1000000; client_body_temp_path $W/up/tmp; proxy_temp_path $W/up/tmp;
+  fastcgi_temp_path $W/up/tmp; uwsgi_temp_path $W/up/tmp; scgi_temp_path $W/up/tmp;
+  server { listen 127.0.0.1:$P_UP; default_type text/plain; location / { return 200 "A\n"; } } }
+CONF
+nginx -p "$W/up" -e "$W/up/error.log" -c "$W/up/nginx.conf" -g 'daemon off;' &
+PIDS+=($!); wait_port "$P_UP"
+cat >"$W/stickylb.toml" <<CONF
+[runtime]
+workers = 1
+[listener]
+address = "127.0.0.1:$P_OURS"
+[affinity]
+secret = "bench-secret-0123456789"
+[[backends]]
+id = "A"
+address = "127.0.0.1:$P_UP"
+CONF
+[[ -n ${1:-} ]] || (cd "$ROOT" && cargo build --release -q -p stickylb)
+RUST_LOG=warn valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$W/cg.%p" \
+    "$BIN" -c "$W/stickylb.toml" >"$W/stickylb.log" 2>&1 &
+VG=$!; PIDS+=($VG); wait_port "$P_OURS"
+COOKIE=$(curl -s -D - -o /dev/null "http://127.0.0.1:$P_OURS/" | tr -d '\r' |
+    sed -n -E 's/^[Ss]et-[Cc]ookie: *(stickylb=[^;]*).*/\1/p')
+load() {   # requests -> sends them over CONNS keep-alive connections, checking each answer
+    python3 -c '
+import asyncio, sys
+port, conns, n, cookie = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+req = f"GET / HTTP/1.1\r\nHost: bench\r\nCookie: {cookie}\r\n\r\n".encode()
+async def one(k):
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    for _ in range(k):
+        w.write(req); await w.drain()
+        head = await r.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        await r.readexactly(int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0]))
+    w.close()
+async def main():
+    await asyncio.gather(*(one(n // conns) for _ in range(conns)))
+asyncio.run(main())' "$P_OURS" "$CONNS" "$1" "$COOKIE"
+}
+load 500
+callgrind_control -i on "$VG" >/dev/null
+load "$REQUESTS"
+callgrind_control -i off "$VG" >/dev/null
+callgrind_control -d "$VG" >/dev/null 2>&1
+IR=$(awk '/^totals:/ {print $2}' "$W"/cg.*.1)
+echo "$(basename "$BIN"): $IR instructions for $REQUESTS requests = $((IR / REQUESTS)) per request (profile: $(ls "$W"/cg.*.1))"
