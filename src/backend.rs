@@ -56,6 +56,8 @@ pub struct Backend {
     history: Mutex<VecDeque<TransitionRecord>>,
     last_heartbeat: Mutex<Option<HeartbeatRecord>>,
     pinned: PinnedWindow,
+    /// This backend's metric handles, looked up once instead of per request.
+    pub(crate) meters: std::sync::OnceLock<crate::metrics::BackendMeters>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -83,6 +85,7 @@ impl Backend {
             history: Mutex::new(VecDeque::with_capacity(HISTORY)),
             last_heartbeat: Mutex::new(None),
             pinned: PinnedWindow::default(),
+            meters: std::sync::OnceLock::new(),
         })
     }
 

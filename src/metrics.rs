@@ -10,7 +10,19 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::backend::Backend;
 use crate::routing::Routing;
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+const OUTCOMES: [&str; 3] = ["new", "hit", "failover"];
+
+/// One backend's request counters (by status class) and latency histogram: handles sharing the
+/// families' values, so the request path neither formats labels nor hashes them.
+#[derive(Debug)]
+pub struct BackendMeters {
+    requests: [Counter; 5],
+    latency: Histogram,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -49,6 +61,8 @@ pub struct Metrics {
     heartbeat_latency: Histograms,
     upstream_latency: Histograms,
     parked: Gauge,
+    /// `affinity` handles for [`OUTCOMES`], in that order.
+    outcomes: [Counter; 3],
 }
 
 impl std::fmt::Debug for Metrics {
@@ -69,7 +83,10 @@ impl Default for Metrics {
             heartbeat_latency: Family::new_with_constructor(latency_histogram),
             upstream_latency: Family::new_with_constructor(latency_histogram),
             parked: Gauge::default(),
+            outcomes: Default::default(),
         };
+        m.outcomes =
+            OUTCOMES.map(|outcome| m.affinity.get_or_create(&OutcomeLabels { outcome }).clone());
         let r = &mut m.registry;
         r.register(
             "requests",
@@ -116,30 +133,54 @@ fn observe(family: &Histograms, backend: &str, took: Duration) {
     family.get_or_create(&labels).observe(took.as_secs_f64());
 }
 
-fn class(status: u16) -> &'static str {
-    match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
+/// Index of the status class in [`CLASSES`].
+fn class(status: u16) -> usize {
+    usize::from((status / 100).clamp(1, 5) - 1)
 }
 
 impl Metrics {
-    pub fn request(&self, backend: &str, status: u16, affinity: &'static str) {
-        let labels = RequestLabels {
-            backend: backend.to_string(),
-            class: class(status),
+    /// Counts a request by the backend that answered it (`None`: none did), its status and how
+    /// the affinity cookie was honoured (one of [`OUTCOMES`]).
+    pub fn request(&self, backend: Option<&Backend>, status: u16, affinity: &'static str) {
+        match backend {
+            Some(b) => self.meters(b).requests[class(status)].inc(),
+            None => {
+                let labels = RequestLabels {
+                    backend: "-".to_string(),
+                    class: CLASSES[class(status)],
+                };
+                self.requests.get_or_create(&labels).inc()
+            }
         };
-        self.requests.get_or_create(&labels).inc();
-        self.affinity
-            .get_or_create(&OutcomeLabels { outcome: affinity })
-            .inc();
+        match OUTCOMES.iter().position(|o| *o == affinity) {
+            Some(i) => self.outcomes[i].inc(),
+            None => self
+                .affinity
+                .get_or_create(&OutcomeLabels { outcome: affinity })
+                .inc(),
+        };
     }
 
-    pub fn upstream_latency(&self, backend: &str, took: Duration) {
-        observe(&self.upstream_latency, backend, took);
+    pub fn upstream_latency(&self, backend: &Backend, took: Duration) {
+        self.meters(backend).latency.observe(took.as_secs_f64());
+    }
+
+    fn meters<'b>(&self, backend: &'b Backend) -> &'b BackendMeters {
+        backend.meters.get_or_init(|| BackendMeters {
+            requests: CLASSES.map(|class| {
+                let labels = RequestLabels {
+                    backend: backend.id.clone(),
+                    class,
+                };
+                self.requests.get_or_create(&labels).clone()
+            }),
+            latency: {
+                let labels = BackendLabels {
+                    backend: backend.id.clone(),
+                };
+                self.upstream_latency.get_or_create(&labels).clone()
+            },
+        })
     }
 
     pub fn heartbeat_latency(&self, backend: &str, took: Duration) {

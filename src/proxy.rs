@@ -129,7 +129,8 @@ impl Proxy {
         };
         let backend = ex.backend.as_ref().map_or("-", |b| b.id.as_str());
         let status = resp.status().as_u16();
-        self.metrics.request(backend, status, ex.affinity.as_str());
+        self.metrics
+            .request(ex.backend.as_deref(), status, ex.affinity.as_str());
         tracing::info!(
             method = %method,
             path,
@@ -202,7 +203,7 @@ impl Proxy {
             let err = match tokio::time::timeout(timeout, self.client.request(attempt)).await {
                 Ok(Ok(resp)) => {
                     self.metrics
-                        .upstream_latency(&member.backend.id, sent.elapsed());
+                        .upstream_latency(&member.backend, sent.elapsed());
                     if let Some(old) = from {
                         self.audit(routing, &parts, old, member, reason);
                     }
