@@ -16,30 +16,15 @@ unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY ALL_PROXY all_proxy
 CONNS=${CONNS:-9000} BP=${BASE_PORT:-29080} SETTLE=${SETTLE:-5}
 P_UP=$((BP + 1)) P_HAPROXY=$((BP + 10)) P_OURS=$((BP + 12))
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-W=$(mktemp -d /tmp/stickylb-rss.XXXXXX)
-PIDS=()
-die() { echo "idle_rss: $*" >&2; exit 1; }
-for tool in haproxy nginx curl python3; do command -v "$tool" >/dev/null || die "$tool is missing"; done
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
+W=$(mktemp -d /tmp/stickylb-rss.XXXXXX) NAME=idle_rss
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+need haproxy nginx curl python3
 ulimit -n "$(ulimit -Hn)"   # each process holds about CONNS descriptors
 (( $(ulimit -n) > CONNS + 1024 )) || die "open-file limit $(ulimit -n) is too low for $CONNS connections"
-wait_port() {
-    for _ in $(seq 200); do curl -s -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.05; done
-    die "nothing answers on port $1 (logs in $W)"
-}
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 
-mkdir -p "$W/up/tmp"
-cat >"$W/up/nginx.conf" <<CONF
-worker_processes 1; pid $W/up/nginx.pid; error_log $W/up/error.log warn;
-events { worker_connections 4096; }
-http { access_log off; client_body_temp_path $W/up/tmp; proxy_temp_path $W/up/tmp;
-  fastcgi_temp_path $W/up/tmp; uwsgi_temp_path $W/up/tmp; scgi_temp_path $W/up/tmp;
-  server { listen 127.0.0.1:$P_UP; default_type text/plain; location / { return 200 "A\n"; } } }
-CONF
-nginx -p "$W/up" -e "$W/up/error.log" -c "$W/up/nginx.conf" -g 'daemon off;' &
-PIDS+=($!); wait_port "$P_UP"
+upstream_run up "$P_UP" A
 
 cat >"$W/haproxy.cfg" <<CONF
 global

@@ -14,26 +14,11 @@ REQUESTS=${REQUESTS:-2000} CONNS=${CONNS:-10} BP=${BASE_PORT:-29300}
 P_UP=$((BP + 1)) P_OURS=$((BP + 2))
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${1:-$ROOT/target/release/stickylb}
-W=$(mktemp -d /tmp/stickylb-ir.XXXXXX)
-PIDS=()
-die() { echo "instructions: $*" >&2; exit 1; }
-for tool in valgrind callgrind_control nginx curl python3; do command -v "$tool" >/dev/null || die "$tool is missing"; done
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-wait_port() {
-    for _ in $(seq 300); do curl -s -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.1; done
-    die "nothing answers on port $1 (logs in $W)"
-}
-mkdir -p "$W/up/tmp"
-cat >"$W/up/nginx.conf" <<CONF
-worker_processes 1; pid $W/up/nginx.pid; error_log $W/up/error.log warn;
-events { worker_connections 1024; }
-http { access_log off; keepalive_requests 1000000; client_body_temp_path $W/up/tmp; proxy_temp_path $W/up/tmp;
-  fastcgi_temp_path $W/up/tmp; uwsgi_temp_path $W/up/tmp; scgi_temp_path $W/up/tmp;
-  server { listen 127.0.0.1:$P_UP; default_type text/plain; location / { return 200 "A\n"; } } }
-CONF
-nginx -p "$W/up" -e "$W/up/error.log" -c "$W/up/nginx.conf" -g 'daemon off;' &
-PIDS+=($!); wait_port "$P_UP"
+W=$(mktemp -d /tmp/stickylb-ir.XXXXXX) NAME=instructions
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+need valgrind callgrind_control nginx curl python3
+upstream_run up "$P_UP" A
 cat >"$W/stickylb.toml" <<CONF
 [runtime]
 workers = 1

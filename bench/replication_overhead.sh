@@ -13,12 +13,10 @@ set -euo pipefail
 unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY ALL_PROXY all_proxy
 N=${N:-2000} ROUNDS=${ROUNDS:-5}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-W=$(mktemp -d /tmp/stickylb-repl.XXXXXX)
-PIDS=()
-die() { echo "replication_overhead: $*" >&2; exit 1; }
-for tool in redis-server python3 curl; do command -v "$tool" >/dev/null || die "$tool is missing"; done
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
+W=$(mktemp -d /tmp/stickylb-repl.XXXXXX) NAME=replication_overhead
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+need redis-server python3 curl
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 RP=$(free_port)

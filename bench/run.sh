@@ -16,40 +16,18 @@ ROUNDS=${ROUNDS:-5} DUR=${DUR:-10} CONNS=${CONNS:-50}
 LOAD_CPU=${LOAD_CPU:-0} PROXY_CPU=${PROXY_CPU:-1} BP=${BASE_PORT:-28080}
 P_A=$((BP + 1)) P_B=$((BP + 2)) P_HAPROXY=$((BP + 10)) P_NGINX=$((BP + 11)) P_OURS=$((BP + 12))
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-W=$(mktemp -d /tmp/stickylb-bench.XXXXXX)
-PIDS=() TARGETS=(haproxy nginx)
+W=$(mktemp -d /tmp/stickylb-bench.XXXXXX) NAME=bench HINT="apt-get install haproxy nginx wrk"
+NGINX_CPU=$PROXY_CPU
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+need haproxy nginx wrk taskset curl
+TARGETS=(haproxy nginx)
 COMPARE=${COMPARE:-}
 declare -A PORT=([haproxy]=$P_HAPROXY [nginx]=$P_NGINX) CK=()
 
-die() { echo "bench: $*" >&2; exit 1; }
-for tool in haproxy nginx wrk taskset curl; do
-    command -v "$tool" >/dev/null || die "$tool is missing: apt-get install haproxy nginx wrk"
-done
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-wait_port() {
-    for _ in $(seq 200); do curl -s -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.05; done
-    die "nothing answers on port $1 (logs in $W)"
-}
-
-nginx_run() {   # name port http-block
-    local d=$W/$1; mkdir -p "$d/tmp"
-    cat >"$d/nginx.conf" <<CONF
-worker_processes 1; pid $d/nginx.pid; error_log $d/error.log warn;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000;
-  client_body_temp_path $d/tmp; proxy_temp_path $d/tmp; fastcgi_temp_path $d/tmp; uwsgi_temp_path $d/tmp; scgi_temp_path $d/tmp;
-  $3 }
-CONF
-    taskset -c "$PROXY_CPU" nginx -p "$d" -e "$d/error.log" -c "$d/nginx.conf" -g 'daemon off;' &
-    PIDS+=($!); wait_port "$2"
-}
-
 start() {
-    for up in A:$P_A B:$P_B; do
-        nginx_run "up-${up%%:*}" "${up##*:}" "server { listen 127.0.0.1:${up##*:}; default_type text/plain;
-          location / { return 200 \"${up%%:*}\n\"; } }"
-    done
+    upstream_run up-A "$P_A" A
+    upstream_run up-B "$P_B" B
     cat >"$W/haproxy.cfg" <<CONF
 global
   nbthread 1

@@ -1,0 +1,29 @@
+# bench/lib.sh: what the bench scripts share; sourced, not run. Set NAME (for messages) and W (a
+# work directory) first. Processes started in the background go into PIDS and are stopped on exit.
+PIDS=()
+die() { echo "$NAME: $*" >&2; exit 1; }
+need() {   # tool... -> dies naming the first one missing
+    for tool; do command -v "$tool" >/dev/null || die "$tool is missing${HINT:+: $HINT}"; done
+}
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+wait_port() {   # port -> returns once an HTTP server answers there (30 s at most)
+    for _ in $(seq 600); do curl -s -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.05; done
+    die "nothing answers on port $1 (logs in $W)"
+}
+nginx_run() {   # name port http-block -> one nginx worker (on core $NGINX_CPU if set), answering
+    local d=$W/$1; mkdir -p "$d/tmp"
+    cat >"$d/nginx.conf" <<CONF
+worker_processes 1; pid $d/nginx.pid; error_log $d/error.log warn;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  client_body_temp_path $d/tmp; proxy_temp_path $d/tmp; fastcgi_temp_path $d/tmp; uwsgi_temp_path $d/tmp; scgi_temp_path $d/tmp;
+  $3 }
+CONF
+    ${NGINX_CPU:+taskset -c "$NGINX_CPU"} nginx -p "$d" -e "$d/error.log" -c "$d/nginx.conf" -g 'daemon off;' &
+    PIDS+=($!); wait_port "$2"
+}
+upstream_run() {   # name port text -> an nginx upstream answering 200 with text and a newline
+    nginx_run "$1" "$2" "server { listen 127.0.0.1:$2; default_type text/plain;
+      location / { return 200 \"$3\n\"; } }"
+}
