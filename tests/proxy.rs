@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{config, eventually, jar, pin_to, Clientele, Proxy, Upstream};
+use common::{config, eventually, jar, pin_to, throughout, Clientele, Proxy, Upstream};
 
 const QUIET_HEALTH: &str = "[health]\ninterval = \"1h\"\n";
 const FAST_HEALTH: &str =
@@ -526,11 +526,11 @@ async fn quiet_http1_connections_are_parked_and_keep_serving() {
     let (start, rest) = three.split_at(9);
     conn.write_all(start.as_bytes()).await.unwrap();
     // Six park periods with part of a head read: the connection must stay with hyper.
-    let window = tokio::time::Instant::now() + Duration::from_millis(300);
-    while tokio::time::Instant::now() < window {
-        assert_eq!(parked(), 0, "parked while holding part of a head");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let window = Duration::from_millis(300);
+    throughout(window, "parked while holding part of a head", || {
+        parked() == 0
+    })
+    .await;
     conn.write_all(rest.as_bytes()).await.unwrap();
     assert_eq!(read_response(&mut conn).await, (200, "a".to_string()));
     let paths: Vec<String> = a.seen().into_iter().map(|s| s.path).collect();

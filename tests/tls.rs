@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{config, eventually, Proxy, Upstream};
+use common::{config, eventually, throughout, Proxy, Upstream};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -192,11 +192,8 @@ async fn quiet_tls_http1_connections_are_parked_and_http2_ones_are_not() {
     let h2_conn = tokio::spawn(conn);
     assert_eq!(h2.send_request(get()).await.unwrap().status(), 200);
     // Six park periods with the HTTP/2 connection open and quiet: it stays with hyper.
-    let window = tokio::time::Instant::now() + Duration::from_millis(300);
-    while tokio::time::Instant::now() < window {
-        assert_eq!(parked(), 1, "an HTTP/2 connection was parked");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let window = Duration::from_millis(300);
+    throughout(window, "an HTTP/2 connection was parked", || parked() == 1).await;
     assert!(!h2_conn.is_finished(), "the HTTP/2 connection stayed open");
     assert_eq!(h2.send_request(get()).await.unwrap().status(), 200);
 }

@@ -383,6 +383,16 @@ pub async fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> b
     }
 }
 
+/// Polls `cond` every 5 ms for all of `window`, failing the test the first time it does not
+/// hold: for what must not happen within a time.
+pub async fn throughout(window: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let end = tokio::time::Instant::now() + window;
+    while tokio::time::Instant::now() < end {
+        assert!(cond(), "{what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// The `Cookie` header that presents an affinity pin.
 pub fn jar(pin: &str) -> String {
     format!("stickylb={pin}")
