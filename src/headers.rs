@@ -50,10 +50,10 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     if doomed.is_empty() {
         return;
     }
-    let named = list_tokens(headers, &header::CONNECTION)
-        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
-        .filter(|name| headers.contains_key(name));
-    doomed.extend(named);
+    doomed.extend(
+        list_tokens(headers, &header::CONNECTION)
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok()),
+    );
     for name in &doomed {
         headers.remove(name);
     }

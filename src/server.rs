@@ -3,13 +3,12 @@
 //! shutdown stops accepting and lets in-flight requests finish within the grace period.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use http_body::{Body, Frame, SizeHint};
 use hyper::service::service_fn;
