@@ -201,7 +201,10 @@ impl Conn {
             drop(parked.take());
             let lent = TokioIo::new(Parkable::new(io, first, &home));
             let conn = Box::pin(builder.serve_connection_with_upgrades(lent, svc.clone()));
-            if !self.until_quiet(conn, &activity, &conflicts, &home).await {
+            // Boxed with the hyper connection it drives, so that a parked connection's task is
+            // only as large as waiting for a first byte needs.
+            let serving = Box::pin(self.until_quiet(conn, &activity, &conflicts, &home));
+            if !serving.await {
                 return;
             }
             match home.take() {
