@@ -58,6 +58,8 @@ pub struct Backend {
     pinned: PinnedWindow,
     /// This backend's metric handles, looked up once instead of per request.
     pub(crate) meters: std::sync::OnceLock<crate::metrics::BackendMeters>,
+    /// Idle keep-alive connections to this backend's address.
+    pub(crate) pool: Arc<crate::upstream::Pool>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -86,6 +88,7 @@ impl Backend {
             last_heartbeat: Mutex::new(None),
             pinned: PinnedWindow::default(),
             meters: std::sync::OnceLock::new(),
+            pool: Arc::default(),
         })
     }
 

@@ -11,6 +11,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 
 use crate::backend::InFlight;
+use crate::upstream::Lease;
 
 type Slot = Arc<Mutex<Option<Incoming>>>;
 
@@ -128,8 +129,9 @@ impl Body for UpstreamBody {
 /// What the proxy answers with: a backend's streaming body, or a short local one (errors).
 #[derive(Debug)]
 pub enum ProxyBody {
-    /// Keeps the backend's in-flight count up until the body is fully sent or dropped.
-    Upstream(Incoming, InFlight),
+    /// Keeps the backend's in-flight count up until the body is fully sent or dropped, and
+    /// gives the connection back for reuse once the body has been read whole.
+    Upstream(Incoming, InFlight, Option<Lease>),
     Local(Full<Bytes>),
 }
 
@@ -148,7 +150,15 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            Self::Upstream(body, _) => Pin::new(body).poll_frame(cx),
+            Self::Upstream(body, _, lease) => {
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                if matches!(polled, Poll::Ready(None)) || body.is_end_stream() {
+                    if let Some(lease) = lease.take() {
+                        lease.release();
+                    }
+                }
+                polled
+            }
             Self::Local(full) => Pin::new(full)
                 .poll_frame(cx)
                 .map_err(|never| match never {}),
@@ -157,14 +167,14 @@ impl Body for ProxyBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Self::Upstream(body, _) => body.is_end_stream(),
+            Self::Upstream(body, ..) => body.is_end_stream(),
             Self::Local(full) => full.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::Upstream(body, _) => body.size_hint(),
+            Self::Upstream(body, ..) => body.size_hint(),
             Self::Local(full) => full.size_hint(),
         }
     }

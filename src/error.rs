@@ -13,7 +13,7 @@ pub enum ProxyError {
     #[error("no backend is up")]
     NoBackend,
     #[error("upstream request failed")]
-    Upstream(#[source] hyper_util::client::legacy::Error),
+    Upstream(#[source] crate::upstream::UpstreamError),
     #[error("upstream switched protocols though the client asked for no upgrade")]
     UnaskedSwitch,
     #[error("upstream did not answer within {0:?}")]

@@ -10,6 +10,7 @@
 //! - [`health`]: the pure rise/fall state machine.
 //! - [`heartbeat`]: probe tasks that feed the health machine.
 //! - [`proxy`]: the forwarding loop: candidates in order, bounded attempts, re-pin on failover.
+//! - [`upstream`]: connections to backends: a keep-alive pool per backend, idle ones closed.
 //! - [`headers`]: hop-by-hop removal and the forwarding headers (trusted proxies, `Forwarded`).
 //! - [`framing`]: follows HTTP/1 framing on the raw stream to spot heads hyper normalises.
 //! - [`validate`]: refuses ambiguous or hostile requests before anything is forwarded.
@@ -17,6 +18,7 @@
 //! - [`error`]: the one mapping from failures to 502/503/504.
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2 (h2c, or TLS with ALPN), idle connections,
 //!   graceful shutdown.
+//! - [`activity`]: idle clocks: when work last started or ended, and how much is under way.
 //! - [`park`]: lending a socket to hyper and taking it back, so quiet connections hold no buffers.
 //! - [`tls`]: loading the certificate and key into a rustls configuration.
 //! - [`tunnel`]: relaying upgraded connections (WebSocket) with an idle timeout.
@@ -25,6 +27,7 @@
 //! - [`reload`]: hot reload (file watch, API; SIGHUP in `main`), swapping the snapshot whole.
 //! - [`demo`]: `stickylb demo`, the proxy plus demo backend processes in one command.
 
+pub mod activity;
 pub mod admin;
 pub mod affinity;
 pub mod backend;
@@ -45,6 +48,7 @@ pub mod routing;
 pub mod server;
 pub mod tls;
 pub mod tunnel;
+pub mod upstream;
 pub mod validate;
 
 use std::future::Future;
@@ -125,7 +129,10 @@ impl Stickylb {
             tokio::spawn(admin::serve(l, Arc::new(api)))
         });
         let timeouts = &self.config.timeouts;
-        let client = proxy::upstream_client(timeouts.backend_connect, timeouts.backend_idle);
+        let client = upstream::Upstream {
+            connect_timeout: timeouts.backend_connect,
+            idle_timeout: timeouts.backend_idle,
+        };
         let proxy = Arc::new(Proxy::new(
             Arc::clone(&self.routing),
             client,

@@ -8,13 +8,10 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use http::header::{CONTENT_LENGTH, COOKIE, SET_COOKIE, UPGRADE};
 use http::request::Parts;
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{HeaderValue, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::affinity;
 use crate::backend::Mode;
@@ -23,8 +20,7 @@ use crate::error::{chain, ProxyError};
 use crate::headers::{self, FAILOVER};
 use crate::metrics::Metrics;
 use crate::routing::{Member, Pin, Routing};
-
-pub type UpstreamClient = Client<HttpConnector, UpstreamBody>;
+use crate::upstream::{Lease, Upstream};
 
 /// How the affinity cookie was honoured, for the access log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,24 +43,10 @@ impl AffinityOutcome {
     }
 }
 
-/// Builds the pooled keep-alive client used for all backend traffic. `idle_timeout` closes unused
-/// connections before backends do (see `timeouts.backend_idle`): a backend closing first races
-/// with a reuse, and a request caught in that race may fail.
-pub fn upstream_client(connect_timeout: Duration, idle_timeout: Duration) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(connect_timeout));
-    connector.enforce_http(true);
-    Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(idle_timeout)
-        .build(connector)
-}
-
 #[derive(Debug)]
 pub struct Proxy {
     routing: Arc<ArcSwap<Routing>>,
-    client: UpstreamClient,
+    client: Upstream,
     metrics: Arc<Metrics>,
 }
 
@@ -88,11 +70,7 @@ fn unusable_pin_reason(routing: &Routing, pin: &Pin) -> &'static str {
 }
 
 impl Proxy {
-    pub fn new(
-        routing: Arc<ArcSwap<Routing>>,
-        client: UpstreamClient,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub fn new(routing: Arc<ArcSwap<Routing>>, client: Upstream, metrics: Arc<Metrics>) -> Self {
         Self {
             routing,
             client,
@@ -197,11 +175,13 @@ impl Proxy {
             };
             ex.backend = Some(Arc::clone(&member.backend));
             let timeout = routing.timeouts.backend_response;
-            let attempt = upstream_request(&parts, member, from, body.attempt());
+            let attempt = upstream_request(&parts, from, body.attempt());
             let guard = member.backend.start_request(hit);
             let sent = Instant::now();
-            let err = match tokio::time::timeout(timeout, self.client.request(attempt)).await {
-                Ok(Ok(resp)) => {
+            let backend = &member.backend;
+            let exchange = self.client.send(&backend.pool, &backend.address, attempt);
+            let err = match tokio::time::timeout(timeout, exchange).await {
+                Ok(Ok((resp, lease))) => {
                     self.metrics
                         .upstream_latency(&member.backend, sent.elapsed());
                     if let Some(old) = from {
@@ -213,7 +193,7 @@ impl Proxy {
                         let idle = routing.timeouts.tunnel_idle;
                         return Ok(switch(resp, guard, pin_here, client, idle));
                     }
-                    return Ok(respond(resp, guard, pin_here));
+                    return Ok(respond(resp, guard, lease, pin_here));
                 }
                 Ok(Err(e)) => e,
                 Err(_elapsed) => return Err(ProxyError::Timeout(timeout)),
@@ -229,7 +209,7 @@ impl Proxy {
                     .mark_down(&format!("connect failed: {}", chain(&err)));
             }
             if hit {
-                reason = match (refused, chain(&err).contains("timed out")) {
+                reason = match (refused, err.is_timeout()) {
                     (true, true) => "timeout",
                     (true, false) => "connect_error",
                     (false, _) => "upstream_error",
@@ -298,26 +278,21 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
+/// The request for one attempt, in origin form (`/path?query`): the connection already goes to
+/// the backend, and `Host` is the client's.
 fn upstream_request(
     parts: &Parts,
-    member: &Member,
     from: Option<&str>,
     body: UpstreamBody,
 ) -> Request<UpstreamBody> {
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(Scheme::HTTP);
-    uri.authority = Some(member.backend.address.clone());
-    uri.path_and_query = Some(
-        parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/")),
-    );
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
-    // Scheme, authority and path are each valid, so the parts always assemble.
-    *req.uri_mut() = Uri::from_parts(uri).unwrap_or_default();
+    *req.uri_mut() = Uri::from(path);
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = parts.headers.clone();
     if let Some(old) = from {
@@ -359,6 +334,7 @@ fn switch(
 fn respond(
     resp: Response<Incoming>,
     guard: crate::backend::InFlight,
+    lease: Lease,
     set_cookie: Option<HeaderValue>,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
@@ -366,5 +342,12 @@ fn respond(
     if let Some(value) = set_cookie {
         parts.headers.append(SET_COOKIE, value);
     }
-    Response::from_parts(parts, ProxyBody::Upstream(body, guard))
+    // An empty body is never polled: the connection is free now.
+    let lease = if http_body::Body::is_end_stream(&body) {
+        lease.release();
+        None
+    } else {
+        Some(lease)
+    };
+    Response::from_parts(parts, ProxyBody::Upstream(body, guard, lease))
 }

@@ -5,7 +5,6 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -21,6 +20,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
+use crate::activity::{Activity, Busy};
 use crate::framing::{self, Conflicts, Watch};
 use crate::headers::Peer;
 use crate::park::{Home, Parkable};
@@ -352,61 +352,5 @@ impl<B: Body + Unpin> Body for Tracked<B> {
 fn log_end<E: std::fmt::Display>(peer: SocketAddr, ended: Result<(), E>) {
     if let Err(e) = ended {
         tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
-    }
-}
-
-/// When a connection last finished or started a request, and how many are in flight: HTTP/2
-/// has no idle timeout of its own, and hyper's HTTP/1 one is the head timeout.
-struct Activity {
-    since: Instant,
-    last_ms: AtomicU64,
-    busy: AtomicUsize,
-}
-
-/// A request in flight on its connection, from the head to the end of the response body.
-struct Busy(Arc<Activity>);
-
-impl Activity {
-    fn new() -> Self {
-        Self {
-            since: Instant::now(),
-            last_ms: AtomicU64::new(0),
-            busy: AtomicUsize::new(0),
-        }
-    }
-
-    fn begin(this: &Arc<Self>) -> Busy {
-        this.busy.fetch_add(1, Ordering::Relaxed);
-        this.touch();
-        Busy(Arc::clone(this))
-    }
-
-    fn touch(&self) {
-        let ms = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-
-    /// Resolves once no request has been in flight for `limit`.
-    async fn idle_for(&self, limit: Duration) {
-        loop {
-            let now = Instant::now();
-            let quiet_until =
-                self.since + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + limit;
-            let wake = if self.busy.load(Ordering::Relaxed) > 0 {
-                now + limit
-            } else if quiet_until <= now {
-                return;
-            } else {
-                quiet_until
-            };
-            tokio::time::sleep_until(wake).await;
-        }
-    }
-}
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        self.0.busy.fetch_sub(1, Ordering::Relaxed);
-        self.0.touch();
     }
 }

@@ -244,6 +244,82 @@ async fn idle_upstream_connections_are_reused_then_closed_after_backend_idle() {
     println!("FIGURE idle upstream connection closed {idle:?} after its last use");
 }
 
+/// A backend that closes a keep-alive connection right after answering, without saying
+/// `Connection: close`, leaves a dead connection in the pool: the next request passes it over
+/// and is served on a new connection, with no error for the client.
+#[tokio::test]
+async fn a_pooled_connection_the_backend_closed_is_passed_over() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(answer_once_and_close(stream, closed_tx.clone()));
+        }
+    });
+    let toml = format!(
+        "[listener]\naddress = \"127.0.0.1:0\"\n[affinity]\nsecret = \"test-secret-0123456789\"\n\
+         {QUIET_HEALTH}\n[[backends]]\nid = \"closer\"\naddress = \"{addr}\"\n"
+    );
+    let proxy = Proxy::start(&toml).await;
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    for i in 0..5 {
+        let path = format!("/n{i}");
+        let get = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
+        client.write_all(get.as_bytes()).await.unwrap();
+        let mut reply = Vec::new();
+        // A 200 ends with "ok"; the proxy's own error bodies end with a newline.
+        while !(reply.ends_with(b"\r\n\r\nok") || reply.ends_with(b"\n")) {
+            let mut buf = [0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+                .await
+                .expect("an answer")
+                .unwrap();
+            assert!(n > 0, "the proxy closed the client connection");
+            reply.extend_from_slice(&buf[..n]);
+        }
+        let reply = String::from_utf8_lossy(&reply);
+        assert!(reply.starts_with("HTTP/1.1 200"), "request {i}: {reply}");
+        // The connection that answered is closed before the next request is sent.
+        loop {
+            let answered = tokio::time::timeout(Duration::from_secs(5), closed.recv())
+                .await
+                .expect("the backend closes the connection it answered on")
+                .unwrap();
+            if answered == path {
+                break;
+            }
+        }
+    }
+}
+
+/// Answers one request with `200 ok`, keep-alive implied, then closes; reports the path.
+async fn answer_once_and_close(
+    mut stream: TcpStream,
+    closed: tokio::sync::mpsc::UnboundedSender<String>,
+) {
+    let mut head = Vec::new();
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut buf = [0u8; 4096];
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let path = head
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    stream
+        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        .await
+        .unwrap();
+    drop(stream);
+    closed.send(path).unwrap();
+}
+
 #[tokio::test]
 async fn slow_heads_and_idle_keep_alive_connections_are_closed_after_client_header() {
     let backend = RawBackend::start().await;
