@@ -16,17 +16,22 @@ pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-p
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
-/// Headers that describe one connection, not the message (RFC 9110 section 7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
+/// Headers that describe one connection, not the message (RFC 9110 section 7.6.1), and `Upgrade`,
+/// which is put back only for a switch this proxy relays.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
 
 /// The comma-separated tokens of every `name` line, trimmed (`Connection`, `Transfer-Encoding`).
 /// Non-ASCII lines are skipped; validation refuses them anyway.
@@ -44,7 +49,7 @@ pub fn list_tokens<'a>(h: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Ite
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     let mut doomed: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| *k == header::UPGRADE || HOP_BY_HOP.contains(k))
+        .filter(|k| is_hop_by_hop(k))
         .cloned()
         .collect();
     if doomed.is_empty() {
