@@ -128,21 +128,31 @@ pub fn take(headers: &mut HeaderMap, name: &str) -> Vec<String> {
 }
 
 fn mentions(value: &HeaderValue, name: &str) -> bool {
-    let (hay, needle) = (value.as_bytes(), name.as_bytes());
-    hay.windows(needle.len()).any(|w| w == needle)
+    memchr::memmem::find(value.as_bytes(), name.as_bytes()).is_some()
 }
 
-/// Splits a cookie-string into its pairs (RFC 6265 section 4.2.1 separator), lets the `cookie`
-/// crate parse each pair, and keeps every pair that is not ours exactly as it was sent.
+/// Splits a cookie-string into its pairs (RFC 6265 section 4.2.1: `;` separated, whitespace
+/// around them ignored), takes out ours and keeps every other pair exactly as it was sent. A scan,
+/// not a parse: only our own name is looked at, so nothing else in the header can be misread.
 fn strip(text: &str, name: &str, found: &mut Vec<String>) -> String {
-    let mut kept: Vec<&str> = Vec::new();
+    let mut kept = String::new();
     for pair in text.split(';').map(str::trim).filter(|p| !p.is_empty()) {
-        match Cookie::parse(pair) {
-            Ok(c) if c.name() == name => found.push(c.value().to_string()),
-            _ => kept.push(pair),
+        if let Some(value) = value_if_named(pair, name) {
+            found.push(value.to_owned());
+            continue;
         }
+        if !kept.is_empty() {
+            kept.push_str("; ");
+        }
+        kept.push_str(pair);
     }
-    kept.join("; ")
+    kept
+}
+
+/// The value of `pair` if its name is `name` (whitespace around the `=` allowed).
+fn value_if_named<'a>(pair: &'a str, name: &str) -> Option<&'a str> {
+    let (n, value) = pair.split_once('=')?;
+    (n.trim_end() == name).then(|| value.trim_start())
 }
 
 #[cfg(test)]
@@ -222,6 +232,15 @@ mod tests {
         let mut h = headers(&["stickylb2=x; xstickylb=y; flag"]);
         assert!(take(&mut h, "stickylb").is_empty());
         assert_eq!(cookies(&h), vec!["stickylb2=x; xstickylb=y; flag"]);
+    }
+
+    #[test]
+    fn take_reads_a_value_as_a_cookie_parser_would() {
+        let mut h = headers(&["x=1;stickylb = a=b ;;  y", "z=\"stickylb=no\""]);
+        assert_eq!(take(&mut h, "stickylb"), vec!["a=b"]);
+        assert_eq!(cookies(&h), vec!["x=1; y", "z=\"stickylb=no\""]);
+        let parsed = Cookie::parse("stickylb = a=b ").expect("parses");
+        assert_eq!(parsed.value(), "a=b");
     }
 
     #[test]
