@@ -44,18 +44,20 @@ impl Activity {
         self.last_ms.store(ms, Ordering::Relaxed);
     }
 
+    /// When the last piece of work ended, or None while one is under way.
+    pub fn idle_since(&self) -> Option<Instant> {
+        (self.busy.load(Ordering::Relaxed) == 0)
+            .then(|| self.since + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
+    }
+
     /// Resolves once no work has been under way for `limit`.
     pub async fn idle_for(&self, limit: Duration) {
         loop {
             let now = Instant::now();
-            let quiet_until =
-                self.since + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + limit;
-            let wake = if self.busy.load(Ordering::Relaxed) > 0 {
-                now + limit
-            } else if quiet_until <= now {
-                return;
-            } else {
-                quiet_until
+            let wake = match self.idle_since() {
+                None => now + limit,
+                Some(since) if since + limit <= now => return,
+                Some(since) => since + limit,
             };
             tokio::time::sleep_until(wake).await;
         }

@@ -249,29 +249,25 @@ impl Conn {
     where
         F: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + Graceful,
     {
-        let start = conflicts.served();
-        let mut not_before = Instant::now();
+        let mut quiet = Quiet {
+            served: conflicts.served(),
+            not_before: Instant::now(),
+        };
+        // One timer for both idling out and parking: every wake of the connection polls it.
+        let check = tokio::time::sleep(self.park_after.min(self.idle));
+        tokio::pin!(check);
         let park = loop {
-            let quiet = async {
-                tokio::time::sleep_until(not_before).await;
-                activity.idle_for(self.park_after).await;
-            };
             tokio::select! {
                 ended = conn.as_mut() => {
                     log_end(self.peer, ended);
                     return false;
                 }
                 _ = self.stop.changed() => break false,
-                () = activity.idle_for(self.idle) => break false,
-                // HTTP/2 and tunnels are never parked: the watch has lost the stream.
-                () = quiet, if !conflicts.lost() => {
-                    // Only a connection that served a request and holds no unread byte; one
-                    // holding part of a head is looked at again a period later.
-                    if conflicts.served() > start && conflicts.at_rest() {
-                        break true;
-                    }
-                    not_before = Instant::now() + self.park_after;
-                }
+                () = &mut check => match quiet.check(self, activity, conflicts) {
+                    Verdict::Close => break false,
+                    Verdict::Park => break true,
+                    Verdict::CheckAt(at) => check.as_mut().reset(at),
+                },
             }
         };
         if park {
@@ -284,6 +280,47 @@ impl Conn {
         let parked = park && ended.is_ok();
         log_end(self.peer, ended);
         parked
+    }
+}
+
+/// What a quiet connection's timer decides when it fires.
+enum Verdict {
+    Close,
+    Park,
+    CheckAt(Instant),
+}
+
+/// The parking bookkeeping of one hyper connection.
+struct Quiet {
+    /// Requests the watch had seen when this hyper connection started.
+    served: u64,
+    /// A connection found holding part of a head is not looked at again before this.
+    not_before: Instant,
+}
+
+impl Quiet {
+    /// Closes a connection idle for `conn.idle`; parks one quiet for `conn.park_after` that has
+    /// served a request and holds no unread byte; otherwise says when to look again.
+    fn check(&mut self, conn: &Conn, activity: &Activity, conflicts: &Conflicts) -> Verdict {
+        let now = Instant::now();
+        let Some(since) = activity.idle_since() else {
+            return Verdict::CheckAt(now + conn.park_after.min(conn.idle));
+        };
+        let close_at = since + conn.idle;
+        if now >= close_at {
+            return Verdict::Close;
+        }
+        // HTTP/2 and tunnels are never parked: the watch has lost the stream.
+        if conflicts.lost() {
+            return Verdict::CheckAt(close_at);
+        }
+        if now >= (since + conn.park_after).max(self.not_before) {
+            if conflicts.served() > self.served && conflicts.at_rest() {
+                return Verdict::Park;
+            }
+            self.not_before = now + conn.park_after;
+        }
+        Verdict::CheckAt((since + conn.park_after).max(self.not_before).min(close_at))
     }
 }
 
