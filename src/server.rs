@@ -252,6 +252,8 @@ impl Conn {
         let mut quiet = Quiet {
             served: conflicts.served(),
             not_before: Instant::now(),
+            park_after: self.park_after,
+            idle: self.idle,
         };
         // One timer for both idling out and parking: every wake of the connection polls it.
         let check = tokio::time::sleep(self.park_after.min(self.idle));
@@ -263,7 +265,7 @@ impl Conn {
                     return false;
                 }
                 _ = self.stop.changed() => break false,
-                () = &mut check => match quiet.check(self, activity, conflicts) {
+                () = &mut check => match quiet.check(Seen::now(activity, conflicts)) {
                     Verdict::Close => break false,
                     Verdict::Park => break true,
                     Verdict::CheckAt(at) => check.as_mut().reset(at),
@@ -284,43 +286,70 @@ impl Conn {
 }
 
 /// What a quiet connection's timer decides when it fires.
+#[derive(Debug, PartialEq, Eq)]
 enum Verdict {
     Close,
     Park,
     CheckAt(Instant),
 }
 
-/// The parking bookkeeping of one hyper connection.
+/// The parking and idling rules of one hyper connection, apart from the timer that runs them.
 struct Quiet {
     /// Requests the watch had seen when this hyper connection started.
     served: u64,
     /// A connection found holding part of a head is not looked at again before this.
     not_before: Instant,
+    park_after: Duration,
+    /// Closed after this long with no request in flight.
+    idle: Duration,
+}
+
+/// The connection as its timer finds it.
+struct Seen {
+    now: Instant,
+    /// When the last request ended; None while one is in flight.
+    idle_since: Option<Instant>,
+    /// The framing watch has stopped following the stream (HTTP/2, a tunnel).
+    lost: bool,
+    served: u64,
+    /// No byte of a next request has been read.
+    at_rest: bool,
+}
+
+impl Seen {
+    fn now(activity: &Activity, conflicts: &Conflicts) -> Self {
+        Self {
+            now: Instant::now(),
+            idle_since: activity.idle_since(),
+            lost: conflicts.lost(),
+            served: conflicts.served(),
+            at_rest: conflicts.at_rest(),
+        }
+    }
 }
 
 impl Quiet {
-    /// Closes a connection idle for `conn.idle`; parks one quiet for `conn.park_after` that has
-    /// served a request and holds no unread byte; otherwise says when to look again.
-    fn check(&mut self, conn: &Conn, activity: &Activity, conflicts: &Conflicts) -> Verdict {
-        let now = Instant::now();
-        let Some(since) = activity.idle_since() else {
-            return Verdict::CheckAt(now + conn.park_after.min(conn.idle));
+    /// Closes a connection idle for `idle`; parks one quiet for `park_after` that has served a
+    /// request and holds no unread byte; otherwise says when to look again.
+    fn check(&mut self, seen: Seen) -> Verdict {
+        let Some(since) = seen.idle_since else {
+            return Verdict::CheckAt(seen.now + self.park_after.min(self.idle));
         };
-        let close_at = since + conn.idle;
-        if now >= close_at {
+        let close_at = since + self.idle;
+        if seen.now >= close_at {
             return Verdict::Close;
         }
         // HTTP/2 and tunnels are never parked: the watch has lost the stream.
-        if conflicts.lost() {
+        if seen.lost {
             return Verdict::CheckAt(close_at);
         }
-        if now >= (since + conn.park_after).max(self.not_before) {
-            if conflicts.served() > self.served && conflicts.at_rest() {
+        if seen.now >= (since + self.park_after).max(self.not_before) {
+            if seen.served > self.served && seen.at_rest {
                 return Verdict::Park;
             }
-            self.not_before = now + conn.park_after;
+            self.not_before = seen.now + self.park_after;
         }
-        Verdict::CheckAt((since + conn.park_after).max(self.not_before).min(close_at))
+        Verdict::CheckAt((since + self.park_after).max(self.not_before).min(close_at))
     }
 }
 
@@ -389,5 +418,102 @@ impl<B: Body + Unpin> Body for Tracked<B> {
 fn log_end<E: std::fmt::Display>(peer: SocketAddr, ended: Result<(), E>) {
     if let Err(e) = ended {
         tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// park_after 1 s, idle 10 s; the connection started at `t0` having served 3 requests.
+    fn quiet(t0: Instant) -> Quiet {
+        Quiet {
+            served: 3,
+            not_before: t0,
+            park_after: 1000 * MS,
+            idle: 10_000 * MS,
+        }
+    }
+
+    fn seen(t0: Instant, now_ms: u32, idle_since_ms: Option<u32>) -> Seen {
+        Seen {
+            now: t0 + now_ms * MS,
+            idle_since: idle_since_ms.map(|ms| t0 + ms * MS),
+            lost: false,
+            served: 4,
+            at_rest: true,
+        }
+    }
+
+    #[test]
+    fn the_timer_closes_parks_or_says_when_to_look_again() {
+        let t0 = Instant::now();
+        let at = |ms: u32| Verdict::CheckAt(t0 + ms * MS);
+        let lost = Seen {
+            lost: true,
+            ..seen(t0, 1500, Some(0))
+        };
+        let unserved = Seen {
+            served: 3,
+            ..seen(t0, 1500, Some(0))
+        };
+        let head_half_read = Seen {
+            at_rest: false,
+            ..seen(t0, 1500, Some(0))
+        };
+        let table = [
+            (
+                "busy: look again a period later",
+                seen(t0, 500, None),
+                at(1500),
+            ),
+            (
+                "quiet too briefly: at the park time",
+                seen(t0, 500, Some(200)),
+                at(1200),
+            ),
+            (
+                "quiet long enough and at rest: park",
+                seen(t0, 1500, Some(200)),
+                Verdict::Park,
+            ),
+            (
+                "idle past the limit: close",
+                seen(t0, 10_200, Some(200)),
+                Verdict::Close,
+            ),
+            ("HTTP/2 or tunnel: only the idle close", lost, at(10_000)),
+            ("no request served yet: a period later", unserved, at(2500)),
+            (
+                "part of a head read: a period later",
+                head_half_read,
+                at(2500),
+            ),
+        ];
+        for (what, seen, verdict) in table {
+            assert_eq!(quiet(t0).check(seen), verdict, "{what}");
+        }
+    }
+
+    #[test]
+    fn a_half_read_head_defers_parking_by_a_period_but_not_the_idle_close() {
+        let t0 = Instant::now();
+        let mut q = Quiet {
+            idle: 2000 * MS,
+            ..quiet(t0)
+        };
+        let half = Seen {
+            at_rest: false,
+            ..seen(t0, 1000, Some(0))
+        };
+        assert_eq!(q.check(half), Verdict::CheckAt(t0 + 2000 * MS));
+        // At rest again 500 ms later: still deferred until the period is over.
+        assert_eq!(
+            q.check(seen(t0, 1500, Some(0))),
+            Verdict::CheckAt(t0 + 2000 * MS)
+        );
+        assert_eq!(q.check(seen(t0, 2000, Some(0))), Verdict::Close);
     }
 }
