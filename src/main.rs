@@ -38,7 +38,8 @@ enum Command {
 }
 
 /// mimalloc: measured faster than the system allocator on the request path, and it returns
-/// freed memory to the OS (see README, Performance).
+/// freed memory to the OS. Its v2 line: with thousands of idle connections it held 5 MiB less than
+/// v3, at the same speed (see README, Performance).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
