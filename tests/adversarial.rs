@@ -9,18 +9,18 @@ mod raw;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{eventually, Proxy};
+use common::{eventually, read_response, Proxy};
 use raw::RawBackend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const QUIET_HEALTH: &str = "[health]\ninterval = \"1h\"\n";
 
-async fn proxy_for(backend: &RawBackend, extra: &str) -> Proxy {
+/// stickylb in front of the one backend at `backend`, heartbeats out of the way.
+async fn proxy_for(backend: SocketAddr, extra: &str) -> Proxy {
     let toml = format!(
         "[listener]\naddress = \"127.0.0.1:0\"\n[affinity]\nsecret = \"test-secret-0123456789\"\n\
-         {QUIET_HEALTH}{extra}\n[[backends]]\nid = \"raw\"\naddress = \"{}\"\n",
-        backend.addr
+         {QUIET_HEALTH}{extra}\n[[backends]]\nid = \"raw\"\naddress = \"{backend}\"\n"
     );
     Proxy::start(&toml).await
 }
@@ -41,7 +41,7 @@ async fn exchange(addr: SocketAddr, bytes: &[u8]) -> (String, bool) {
 #[tokio::test]
 async fn hostile_requests_get_the_right_4xx_and_not_one_byte_reaches_the_backend() {
     let backend = RawBackend::start().await;
-    let proxy = proxy_for(&backend, "[limits]\nmax_header_bytes = 8192\n").await;
+    let proxy = proxy_for(backend.addr, "[limits]\nmax_header_bytes = 8192\n").await;
     let big = format!(
         "GET / HTTP/1.1\r\nHost: app.test\r\nX-Big: {}\r\n\r\n",
         "x".repeat(9000)
@@ -95,7 +95,7 @@ async fn hostile_requests_get_the_right_4xx_and_not_one_byte_reaches_the_backend
 #[tokio::test]
 async fn an_ambiguous_head_is_refused_even_behind_bodies_that_look_like_one() {
     let backend = RawBackend::start().await;
-    let proxy = proxy_for(&backend, "").await;
+    let proxy = proxy_for(backend.addr, "").await;
     let fake = "GET /fake HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
     let pipelined = format!(
         "POST /a HTTP/1.1\r\nHost: app.test\r\nContent-Length: {}\r\n\r\n{fake}\
@@ -132,7 +132,7 @@ async fn an_ambiguous_head_is_refused_even_behind_bodies_that_look_like_one() {
 #[tokio::test]
 async fn the_backend_receives_exactly_the_cleaned_request() {
     let backend = RawBackend::start().await;
-    let proxy = proxy_for(&backend, "").await;
+    let proxy = proxy_for(backend.addr, "").await;
     let request = b"GET /page?q=1 HTTP/1.1\r\nHost: app.test\r\nConnection: close, X-Secret\r\n\
                     X-Secret: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nProxy-Authorization: Basic eA==\r\n\
                     X-Forwarded-For: 6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\n\
@@ -169,7 +169,7 @@ async fn the_backend_receives_exactly_the_cleaned_request() {
 #[tokio::test]
 async fn a_client_abort_mid_body_aborts_the_upstream_request_and_its_connection() {
     let backend = RawBackend::start().await;
-    let proxy = proxy_for(&backend, "").await;
+    let proxy = proxy_for(backend.addr, "").await;
     let mut client = TcpStream::connect(proxy.addr).await.unwrap();
     let head = b"POST /upload HTTP/1.1\r\nHost: app.test\r\nContent-Length: 100000\r\n\r\n";
     client.write_all(head).await.unwrap();
@@ -216,7 +216,7 @@ async fn a_client_abort_mid_body_aborts_the_upstream_request_and_its_connection(
 #[tokio::test]
 async fn idle_upstream_connections_are_reused_then_closed_after_backend_idle() {
     let backend = RawBackend::start().await;
-    let proxy = proxy_for(&backend, "[timeouts]\nbackend_idle = \"300ms\"\n").await;
+    let proxy = proxy_for(backend.addr, "[timeouts]\nbackend_idle = \"300ms\"\n").await;
     let get = b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
     for _ in 0..2 {
         let (reply, _) = exchange(proxy.addr, get).await;
@@ -257,29 +257,14 @@ async fn a_pooled_connection_the_backend_closed_is_passed_over() {
             tokio::spawn(answer_once_and_close(stream, closed_tx.clone()));
         }
     });
-    let toml = format!(
-        "[listener]\naddress = \"127.0.0.1:0\"\n[affinity]\nsecret = \"test-secret-0123456789\"\n\
-         {QUIET_HEALTH}\n[[backends]]\nid = \"closer\"\naddress = \"{addr}\"\n"
-    );
-    let proxy = Proxy::start(&toml).await;
+    let proxy = proxy_for(addr, "").await;
     let mut client = TcpStream::connect(proxy.addr).await.unwrap();
     for i in 0..5 {
         let path = format!("/n{i}");
         let get = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
         client.write_all(get.as_bytes()).await.unwrap();
-        let mut reply = Vec::new();
-        // A 200 ends with "ok"; the proxy's own error bodies end with a newline.
-        while !(reply.ends_with(b"\r\n\r\nok") || reply.ends_with(b"\n")) {
-            let mut buf = [0u8; 4096];
-            let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
-                .await
-                .expect("an answer")
-                .unwrap();
-            assert!(n > 0, "the proxy closed the client connection");
-            reply.extend_from_slice(&buf[..n]);
-        }
-        let reply = String::from_utf8_lossy(&reply);
-        assert!(reply.starts_with("HTTP/1.1 200"), "request {i}: {reply}");
+        let reply = read_response(&mut client).await;
+        assert_eq!(reply, (200, "ok".to_string()), "request {i}");
         // The connection that answered is closed before the next request is sent.
         loop {
             let answered = tokio::time::timeout(Duration::from_secs(5), closed.recv())
@@ -323,7 +308,7 @@ async fn answer_once_and_close(
 #[tokio::test]
 async fn slow_heads_and_idle_keep_alive_connections_are_closed_after_client_header() {
     let backend = RawBackend::start().await;
-    let proxy = proxy_for(&backend, "[timeouts]\nclient_header = \"300ms\"\n").await;
+    let proxy = proxy_for(backend.addr, "[timeouts]\nclient_header = \"300ms\"\n").await;
 
     let mut slow = TcpStream::connect(proxy.addr).await.unwrap();
     slow.write_all(b"GET / HTTP/1.1\r\nHost: app.te")

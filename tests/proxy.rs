@@ -6,7 +6,9 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{config, eventually, jar, pin_to, throughout, Clientele, Proxy, Upstream};
+use common::{
+    config, eventually, jar, pin_to, read_response, throughout, Clientele, Proxy, Upstream,
+};
 
 const QUIET_HEALTH: &str = "[health]\ninterval = \"1h\"\n";
 const FAST_HEALTH: &str =
@@ -544,34 +546,6 @@ async fn quiet_http1_connections_are_parked_and_keep_serving() {
         || parked() == 0,
     )
     .await;
-}
-
-/// Reads one HTTP/1 response with a `Content-Length` body: (status, body).
-async fn read_response(conn: &mut tokio::net::TcpStream) -> (u16, String) {
-    use tokio::io::AsyncReadExt;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 1024];
-    let deadline = Duration::from_secs(5);
-    loop {
-        let text = String::from_utf8_lossy(&got).into_owned();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let head = text[..end].to_ascii_lowercase();
-            let length: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .map_or(0, |v| v.trim().parse().unwrap());
-            if got.len() >= end + 4 + length {
-                let status = text[9..12].parse().unwrap();
-                return (status, text[end + 4..end + 4 + length].to_string());
-            }
-        }
-        let n = tokio::time::timeout(deadline, conn.read(&mut buf))
-            .await
-            .expect("a response within 5 s")
-            .unwrap();
-        assert!(n > 0, "closed before a whole response: {text:?}");
-        got.extend_from_slice(&buf[..n]);
-    }
 }
 
 #[tokio::test]
