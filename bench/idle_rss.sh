@@ -47,23 +47,13 @@ backend be
   cookie SRV insert indirect nocache
   server A 127.0.0.1:$P_UP cookie A
 CONF
-cat >"$W/stickylb.toml" <<CONF
-[runtime]
-workers = 1
-[listener]
-address = "127.0.0.1:$P_OURS"
-[affinity]
-secret = "bench-secret-0123456789"
-[timeouts]
-client_header = "300s"
+stickylb_toml "$P_OURS" "[timeouts]
+client_header = \"300s\"
 [limits]
 max_connections = $((CONNS + 1000))
 [health]
-interval = "1s"
-[[backends]]
-id = "A"
-address = "127.0.0.1:$P_UP"
-CONF
+interval = \"1s\"
+" "$P_UP" >"$W/stickylb.toml"
 
 # The client program is passed with -c: its stdin must stay the pipe that tells it when to let go.
 read -r -d '' HOLD_PY <<'PY' || true

@@ -19,17 +19,7 @@ W=$(mktemp -d /tmp/stickylb-ir.XXXXXX) NAME=instructions
 source "$ROOT/bench/lib.sh"
 need valgrind callgrind_control nginx curl python3
 upstream_run up "$P_UP" A
-cat >"$W/stickylb.toml" <<CONF
-[runtime]
-workers = 1
-[listener]
-address = "127.0.0.1:$P_OURS"
-[affinity]
-secret = "bench-secret-0123456789"
-[[backends]]
-id = "A"
-address = "127.0.0.1:$P_UP"
-CONF
+stickylb_toml "$P_OURS" "" "$P_UP" >"$W/stickylb.toml"
 [[ -n ${1:-} ]] || (cd "$ROOT" && cargo build --release -q -p stickylb)
 RUST_LOG=warn valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$W/cg.%p" \
     "$BIN" -c "$W/stickylb.toml" >"$W/stickylb.log" 2>&1 &

@@ -23,6 +23,15 @@ CONF
     ${NGINX_CPU:+taskset -c "$NGINX_CPU"} nginx -p "$d" -e "$d/error.log" -c "$d/nginx.conf" -g 'daemon off;' &
     PIDS+=($!); wait_port "$2"
 }
+stickylb_toml() {   # port extra-toml upstream-port... -> on stdout, a one-worker stickylb config
+    # listening on port, with the bench secret, the extra sections, and backends A, B, ... in order
+    local port=$1 extra=$2 ids=(A B C D) i=0 up; shift 2
+    printf '[runtime]\nworkers = 1\n[listener]\naddress = "127.0.0.1:%s"\n' "$port"
+    printf '[affinity]\nsecret = "bench-secret-0123456789"\n%s' "$extra"
+    for up; do
+        printf '[[backends]]\nid = "%s"\naddress = "127.0.0.1:%s"\n' "${ids[i]}" "$up"; i=$((i + 1))
+    done
+}
 upstream_run() {   # name port text -> an nginx upstream answering 200 with text and a newline
     nginx_run "$1" "$2" "server { listen 127.0.0.1:$2; default_type text/plain;
       location / { return 200 \"$3\n\"; } }"

@@ -55,22 +55,7 @@ CONF
         server 127.0.0.1:$P_A; server 127.0.0.1:$P_B; keepalive 64; keepalive_requests 1000000; }
       server { listen 127.0.0.1:$P_NGINX; location / { proxy_pass http://ups; proxy_http_version 1.1;
         proxy_set_header Connection \"\"; } }"
-    cat >"$W/base.toml" <<CONF
-[runtime]
-workers = 1
-[listener]
-address = "127.0.0.1:$P_OURS"
-[affinity]
-secret = "bench-secret-0123456789"
-[health]
-interval = "1s"
-[[backends]]
-id = "A"
-address = "127.0.0.1:$P_A"
-[[backends]]
-id = "B"
-address = "127.0.0.1:$P_B"
-CONF
+    stickylb_toml "$P_OURS" $'[health]\ninterval = "1s"\n' "$P_A" "$P_B" >"$W/base.toml"
     ours stickylb "$ROOT/target/release/stickylb" "$P_OURS"
     local n=0 spec
     for spec in $COMPARE; do
