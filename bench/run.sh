@@ -5,6 +5,8 @@
 # worker thread, no access log; wrk with keep-alive and that cookie. Rounds are interleaved
 # (every target once per round), and the table gives medians and the median of per-round ratios
 # against HAProxy. Compare within one run only: the machine is shared and noisy.
+# It also gives each proxy's CPU time per request, user and kernel apart (from /proc/PID/stat):
+# the kernel's share (loopback TCP on both legs) is the same work for every proxy.
 #
 #   bench/run.sh            # ROUNDS=5 DUR=10 CONNS=50 LOAD_CPU=0 PROXY_CPU=1 BASE_PORT=28080
 #   COMPARE="base=/tmp/old/stickylb" bench/run.sh   # also measure other stickylb builds (A/B)
@@ -23,7 +25,7 @@ source "$ROOT/bench/lib.sh"
 need haproxy nginx wrk taskset curl
 TARGETS=(haproxy nginx)
 COMPARE=${COMPARE:-}
-declare -A PORT=([haproxy]=$P_HAPROXY [nginx]=$P_NGINX) CK=()
+declare -A PORT=([haproxy]=$P_HAPROXY [nginx]=$P_NGINX) CK=() PID=()
 
 start() {
     upstream_run up-A "$P_A" A
@@ -49,12 +51,13 @@ backend be
   server B 127.0.0.1:$P_B cookie B
 CONF
     taskset -c "$PROXY_CPU" haproxy -db -f "$W/haproxy.cfg" >"$W/haproxy.log" 2>&1 &
-    PIDS+=($!); wait_port "$P_HAPROXY"
+    PIDS+=($!); PID[haproxy]=$!; wait_port "$P_HAPROXY"
     # OSS nginx has no sticky cookie: a consistent hash on the cookie is its closest equivalent.
     nginx_run px-nginx "$P_NGINX" "upstream ups { hash \$cookie_SRV consistent;
         server 127.0.0.1:$P_A; server 127.0.0.1:$P_B; keepalive 64; keepalive_requests 1000000; }
       server { listen 127.0.0.1:$P_NGINX; location / { proxy_pass http://ups; proxy_http_version 1.1;
         proxy_set_header Connection \"\"; } }"
+    PID[nginx]=$(pgrep -P "$(<"$W/px-nginx/nginx.pid")")   # its one worker does the proxying
     stickylb_toml "$P_OURS" $'[health]\ninterval = "1s"\n' "$P_A" "$P_B" >"$W/base.toml"
     ours stickylb "$ROOT/target/release/stickylb" "$P_OURS"
     local n=0 spec
@@ -66,7 +69,7 @@ CONF
 ours() {   # label binary port
     sed "s/127.0.0.1:$P_OURS/127.0.0.1:$3/" "$W/base.toml" >"$W/$1.toml"
     RUST_LOG=warn taskset -c "$PROXY_CPU" "$2" -c "$W/$1.toml" >"$W/$1.log" 2>&1 &
-    PIDS+=($!); wait_port "$3"
+    PIDS+=($!); PID[$1]=$!; wait_port "$3"
     TARGETS+=("$1"); PORT[$1]=$3
 }
 
@@ -85,13 +88,18 @@ sticky() {   # port cookie: all 20 answers from A?
     [[ $(for _ in $(seq 20); do curl -s -H "Cookie: $2" "http://127.0.0.1:$1/"; done | sort -u) == A ]]
 }
 
-bench() {   # label port cookie -> "rps p99_ms" appended to results
-    local out rps p99
+cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }   # pid -> user and kernel clock ticks
+
+bench() {   # label port cookie -> "rps p99_ms requests user_ticks kernel_ticks" appended to results
+    local out rps p99 n u0 k0 u1 k1
+    read -r u0 k0 < <(cpu_ticks "${PID[$1]}")
     out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DUR}s" --latency -H "Cookie: $3" "http://127.0.0.1:$2/")
+    read -r u1 k1 < <(cpu_ticks "${PID[$1]}")
     rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
+    n=$(awk '/ requests in / {print $1}' <<<"$out")
     p99=$(awk '$1 == "99%" { v = $2; if (v ~ /us$/) v = v / 1000; else if (v ~ /ms$/) v = v + 0; else if (v ~ /s$/) v = v * 1000; print v }' <<<"$out")
     grep -q "Non-2xx\|Socket errors" <<<"$out" && echo "bench: $1 reported errors: $(grep -E 'Non-2xx|Socket errors' <<<"$out")" >&2
-    printf '%s\t%s\t%s\t%s\n' "$ROUND" "$1" "$rps" "$p99" >>"$W/results.tsv"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$ROUND" "$1" "$rps" "$p99" "$n" "$((u1 - u0))" "$((k1 - k0))" >>"$W/results.tsv"
 }
 
 cd "$ROOT" && cargo build --release -q -p stickylb
@@ -105,19 +113,23 @@ for ROUND in $(seq "$ROUNDS"); do
     echo "round $ROUND/$ROUNDS done" >&2
 done
 
-python3 - "$W/results.tsv" "$ROUNDS" "$DUR" "$CONNS" <<'PY'
+python3 - "$W/results.tsv" "$ROUNDS" "$DUR" "$CONNS" "$(getconf CLK_TCK)" <<'PY'
 import statistics, sys
 rows = [l.split('\t') for l in open(sys.argv[1]).read().split('\n') if l]
+tick_us = 1e6 / int(sys.argv[5])
 by = {}
-for r, t, rps, p99 in rows:
-    by.setdefault(t, {})[int(r)] = (float(rps), float(p99))
+for r, t, rps, p99, n, user, kernel in rows:
+    n = int(n)
+    by.setdefault(t, {})[int(r)] = (float(rps), float(p99), int(user) * tick_us / n, int(kernel) * tick_us / n)
 print(f"\n{sys.argv[2]} interleaved rounds x {sys.argv[3]} s, wrk -t1 -c{sys.argv[4]}, keep-alive, sticky cookie to upstream A, one proxy thread\n")
-print("| proxy | requests/s (median) | p99 ms (median) | rps ratio vs HAProxy | p99 ratio vs HAProxy |")
-print("|---|---|---|---|---|")
+print("| proxy | requests/s (median) | p99 ms (median) | rps ratio vs HAProxy | p99 ratio vs HAProxy | CPU us/request: user | kernel |")
+print("|---|---|---|---|---|---|---|")
 for t in by:
     rps = statistics.median(v[0] for v in by[t].values())
     p99 = statistics.median(v[1] for v in by[t].values())
     rr = statistics.median(by[t][r][0] / by["haproxy"][r][0] for r in by[t])
     pr = statistics.median(by[t][r][1] / by["haproxy"][r][1] for r in by[t])
-    print(f"| {t} | {rps:,.0f} | {p99:.2f} | {rr:.2f}x | {pr:.2f}x |")
+    user = statistics.median(v[2] for v in by[t].values())
+    kernel = statistics.median(v[3] for v in by[t].values())
+    print(f"| {t} | {rps:,.0f} | {p99:.2f} | {rr:.2f}x | {pr:.2f}x | {user:.1f} | {kernel:.1f} |")
 PY
