@@ -78,7 +78,9 @@ pub async fn serve(
             accepted = accepts.next(&listener) => accepted,
             () = &mut shutdown => break,
         };
-        let conn = Conn {
+        // Boxed: a task's future keeps a moved-in value's slot for its whole life, so an inline
+        // `Conn` would be held twice by every connection's task, parked ones included.
+        let conn = Box::new(Conn {
             proxy: Arc::clone(&proxy),
             builder: Arc::clone(&builder),
             stop: stopped.clone(),
@@ -87,7 +89,7 @@ pub async fn serve(
             idle: settings.client_header_timeout,
             park_after: settings.park_after,
             parked: settings.parked.clone(),
-        };
+        });
         let (tls, handshake) = (tls.clone(), settings.client_header_timeout);
         tokio::spawn(async move {
             match tls {
@@ -162,7 +164,7 @@ struct Conn {
 }
 
 impl Conn {
-    async fn serve_tls(self, acceptor: TlsAcceptor, stream: TcpStream, limit: Duration) {
+    async fn serve_tls(self: Box<Self>, acceptor: TlsAcceptor, stream: TcpStream, limit: Duration) {
         match tokio::time::timeout(limit, acceptor.accept(stream)).await {
             Ok(Ok(tls)) => self.serve(tls, "https").await,
             Ok(Err(e)) => tracing::debug!(peer = %self.peer, error = %e, "TLS handshake failed"),
@@ -173,7 +175,7 @@ impl Conn {
     /// Serves HTTP/1.1 or HTTP/2 (by preface; under TLS ALPN has agreed on it) with upgrades,
     /// until the peer closes, the connection idles out, or the server stops. A quiet HTTP/1
     /// connection is parked and served again by a fresh hyper connection when bytes arrive.
-    async fn serve<I>(mut self, io: I, proto: &'static str)
+    async fn serve<I>(mut self: Box<Self>, io: I, proto: &'static str)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
