@@ -21,6 +21,7 @@
 //! - [`activity`]: idle clocks: when work last started or ended, and how much is under way.
 //! - [`park`]: lending a socket to hyper and taking it back, so quiet connections hold no buffers.
 //! - [`tls`]: loading the certificate and key into a rustls configuration.
+//! - [`allocator`]: when a quiet worker lets the allocator give freed memory back to the OS.
 //! - [`tunnel`]: relaying upgraded connections (WebSocket) with an idle timeout.
 //! - [`admin`]: the admin listener: status, drain/maintenance/enable, reload, metrics, dashboard.
 //! - [`metrics`]: Prometheus metrics.
@@ -30,6 +31,7 @@
 pub mod activity;
 pub mod admin;
 pub mod affinity;
+pub mod allocator;
 pub mod backend;
 pub mod balancer;
 pub mod body;

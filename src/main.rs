@@ -1,9 +1,12 @@
 //! The `stickylb` command line: run the proxy, or check a configuration.
 
+use std::cell::RefCell;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Instant;
 
 use clap::{Parser, Subcommand};
+use stickylb::allocator::{self, Quietness};
 use stickylb::config::{Algorithm, Config, SecretSource, SECRET_ENV};
 use stickylb::Stickylb;
 use tracing_subscriber::EnvFilter;
@@ -42,6 +45,11 @@ enum Command {
 /// v3, at the same speed (see README, Performance).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+thread_local! {
+    /// Each worker's own: mimalloc keeps a heap per thread (module `allocator`).
+    static QUIETNESS: RefCell<Quietness> = RefCell::default();
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -97,7 +105,16 @@ fn run(config: Config) -> ExitCode {
         }
         None => tokio::runtime::Builder::new_multi_thread(),
     };
-    let runtime = match builder.enable_all().build() {
+    let runtime = match builder
+        .enable_all()
+        .on_thread_park(|| {
+            if QUIETNESS.with_borrow_mut(|q| q.parking(Instant::now())) {
+                allocator::collect();
+            }
+        })
+        .on_thread_unpark(|| QUIETNESS.with_borrow_mut(|q| q.woke(Instant::now())))
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
