@@ -2,7 +2,7 @@
 # bench/idle_rss.sh: resident memory of stickylb and HAProxy holding thousands of idle keep-alive
 # client connections, same upstream, same machine, one after the other.
 #
-#   bench/idle_rss.sh            # CONNS=9000 BASE_PORT=29080 SETTLE=5 (seconds idle before measuring)
+#   bench/idle_rss.sh            # CONNS=9000 BASE_PORT=29080 SETTLE=10 (seconds idle before measuring)
 #   STICKYLB=/tmp/old/stickylb bench/idle_rss.sh   # measure another stickylb build
 #
 # HAProxy insists on two descriptors per maxconn; under this machine's hard limit of 20000 open
@@ -13,7 +13,7 @@
 # Needs: apt-get install haproxy nginx (and curl, python3).
 set -euo pipefail
 unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY ALL_PROXY all_proxy
-CONNS=${CONNS:-9000} BP=${BASE_PORT:-29080} SETTLE=${SETTLE:-5}
+CONNS=${CONNS:-9000} BP=${BASE_PORT:-29080} SETTLE=${SETTLE:-10}
 P_UP=$((BP + 1)) P_HAPROXY=$((BP + 10)) P_OURS=$((BP + 12))
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 W=$(mktemp -d /tmp/stickylb-rss.XXXXXX) NAME=idle_rss
@@ -85,7 +85,11 @@ measure() {   # label pid port
     coproc HOLD { hold "$3"; }
     read -r line <&"${HOLD[0]}"
     [[ $line == "ready $CONNS" ]] || die "$1: clients did not all connect: $line"
-    sleep "$SETTLE"   # idle means idle for a while: each proxy gets to release what it frees
+    # Idle means idle for a while: each proxy gets to release what it frees. stickylb's last
+    # upstream connections close 4 s (timeouts.backend_idle) after the last request, and what
+    # they freed goes back on the next wakes of its worker (module allocator): 5 s was sometimes
+    # too short for that, 10 s has always been enough.
+    sleep "$SETTLE"
     with=$(rss_kb "$2")
     exec {HOLD[1]}>&-
     wait "$HOLD_PID" || true
