@@ -8,7 +8,7 @@
 # One nginx upstream, stickylb (one worker) under callgrind with instrumentation off; a warm-up of
 # 500 keep-alive requests carrying the affinity cookie, then instrumentation on for REQUESTS more.
 # The allocator collection a worker makes when it wakes from a quiet spell (module allocator,
-# about 1.1 million instructions, at most every 250 ms) is counted apart: under valgrind the
+# about 1.1 million instructions, at most once a second) is counted apart: under valgrind the
 # requests run so slowly that the worker sleeps between them, which it does not at full speed.
 # Needs: apt-get install valgrind nginx (and curl, python3).
 set -euo pipefail
