@@ -74,12 +74,17 @@ impl Pool {
         idle.retain(|c| !c.tx.is_closed());
         let ready = idle.iter().rposition(|c| c.tx.is_ready())?;
         let Idle { tx, activity } = idle.swap_remove(ready);
-        Some(Lease {
+        Some(self.lend(tx, activity))
+    }
+
+    /// Lends a connection to one exchange; it counts as busy until the lease ends.
+    fn lend(self: &Arc<Self>, tx: SendRequest<UpstreamBody>, activity: Arc<Activity>) -> Lease {
+        Lease {
             tx,
             _busy: Activity::begin(&activity),
             activity,
             pool: Arc::clone(self),
-        })
+        }
     }
 
     /// The connection behind `activity` has ended: it is no longer offered.
@@ -170,12 +175,7 @@ impl Upstream {
             .await
             .map_err(UpstreamError::Exchange)?;
         let activity = Arc::new(Activity::new());
-        let lease = Lease {
-            tx,
-            _busy: Activity::begin(&activity),
-            activity: Arc::clone(&activity),
-            pool: Arc::clone(pool),
-        };
+        let lease = pool.lend(tx, Arc::clone(&activity));
         let (idle, pool) = (self.idle_timeout, Arc::clone(pool));
         tokio::spawn(async move {
             tokio::select! {
