@@ -141,6 +141,24 @@ impl ProxyBody {
     }
 }
 
+impl ProxyBody {
+    /// A backend's body. An empty one is never polled, so its connection goes back at once.
+    pub fn upstream(body: Incoming, in_flight: InFlight, lease: Lease) -> Self {
+        let mut lease = Some(lease);
+        release_at_end(false, &body, &mut lease);
+        Self::Upstream(body, in_flight, lease)
+    }
+}
+
+/// Gives the connection back once its body has been read whole (`ended`, or nothing left).
+fn release_at_end(ended: bool, body: &Incoming, lease: &mut Option<Lease>) {
+    if ended || body.is_end_stream() {
+        if let Some(lease) = lease.take() {
+            lease.release();
+        }
+    }
+}
+
 impl Body for ProxyBody {
     type Data = Bytes;
     type Error = hyper::Error;
@@ -152,11 +170,7 @@ impl Body for ProxyBody {
         match self.get_mut() {
             Self::Upstream(body, _, lease) => {
                 let polled = Pin::new(&mut *body).poll_frame(cx);
-                if matches!(polled, Poll::Ready(None)) || body.is_end_stream() {
-                    if let Some(lease) = lease.take() {
-                        lease.release();
-                    }
-                }
+                release_at_end(matches!(polled, Poll::Ready(None)), body, lease);
                 polled
             }
             Self::Local(full) => Pin::new(full)

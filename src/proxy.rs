@@ -342,12 +342,5 @@ fn respond(
     if let Some(value) = set_cookie {
         parts.headers.append(SET_COOKIE, value);
     }
-    // An empty body is never polled: the connection is free now.
-    let lease = if http_body::Body::is_end_stream(&body) {
-        lease.release();
-        None
-    } else {
-        Some(lease)
-    };
-    Response::from_parts(parts, ProxyBody::Upstream(body, guard, lease))
+    Response::from_parts(parts, ProxyBody::upstream(body, guard, lease))
 }
