@@ -371,10 +371,12 @@ async fn memory_a_burst_of_clients_used_goes_back_to_the_os_once_they_idle() {
     raise_open_file_limit();
     let up = common::Upstream::start("a").await;
     let port = free_port();
-    let extra = format!(
-        "[timeouts]\nclient_park = \"200ms\"\nbackend_idle = \"500ms\"\n[listener]\naddress = \"127.0.0.1:{port}\"\n"
+    let cfg = format!(
+        "[listener]\naddress = \"127.0.0.1:{port}\"\n[affinity]\nsecret = \"test-secret-0123456789\"\n\
+         [timeouts]\nclient_park = \"200ms\"\nbackend_idle = \"500ms\"\n\
+         [[backends]]\nid = \"a\"\naddress = \"{}\"\n",
+        up.addr
     );
-    let cfg = common::config(&[&up], "").replace("[listener]\naddress = \"127.0.0.1:0\"\n", &extra);
     let path = write("idle-memory.toml", &cfg);
     let child = Reaped(
         Command::new("sh")
