@@ -218,7 +218,11 @@ async fn drill_2_a_hung_node_is_routed_around_and_rejoins_after_rise() {
     let (down_ms, up_ms) = (log[0].0, log[1].0);
     let h = &HEALTH;
     let bound = u64::from(h.fall) * h.interval_ms + h.timeout_ms;
-    let min_rejoin = u64::from(h.rise - 1) * h.interval_ms;
+    // The first success may be a probe sent while the node was stopped and answered as it
+    // resumes; each later one must come from a probe sent after the previous was recorded
+    // (`heartbeat::counts`), the next tick at the earliest. So `rise` successes need at least
+    // `rise - 2` whole intervals after SIGCONT, plus the phase of that next tick.
+    let min_rejoin = u64::from(h.rise - 2) * h.interval_ms;
     let timeouts: Vec<Duration> = report
         .outcomes
         .iter()
