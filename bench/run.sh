@@ -6,7 +6,9 @@
 # (every target once per round), and the table gives medians and the median of per-round ratios
 # against HAProxy. Compare within one run only: the machine is shared and noisy.
 # It also gives each proxy's CPU time per request, user and kernel apart (from /proc/PID/stat):
-# the kernel's share (loopback TCP on both legs) is the same work for every proxy.
+# the kernel's share (loopback TCP on both legs) is the same work for every proxy. A second table
+# gives what each proxy costs the upstream on its core: upstream A's CPU time and wake-ups per
+# request, and how often the proxy was preempted (/proc/PID/status context switches).
 #
 #   bench/run.sh            # ROUNDS=5 DUR=10 CONNS=50 LOAD_CPU=0 PROXY_CPU=1 BASE_PORT=28080
 #   COMPARE="base=/tmp/old/stickylb" bench/run.sh   # also measure other stickylb builds (A/B)
@@ -58,7 +60,7 @@ CONF
       server { listen 127.0.0.1:$P_NGINX; location / { proxy_pass http://ups; proxy_http_version 1.1;
         proxy_set_header Connection \"\"; } }"
     PID[nginx]=$(pgrep -P "$(<"$W/px-nginx/nginx.pid")")   # its one worker does the proxying
-    stickylb_toml "$P_OURS" $'[health]\ninterval = "1s"\n' "$P_A" "$P_B" >"$W/base.toml"
+    stickylb_toml "$P_OURS" $'[health]\ninterval = "1s"\n' "$P_A" "$P_B" >"$W/template.toml"
     ours stickylb "$ROOT/target/release/stickylb" "$P_OURS"
     local n=0 spec
     for spec in $COMPARE; do
@@ -67,8 +69,8 @@ CONF
 }
 
 ours() {   # label binary port
-    sed "s/127.0.0.1:$P_OURS/127.0.0.1:$3/" "$W/base.toml" >"$W/$1.toml"
-    RUST_LOG=warn taskset -c "$PROXY_CPU" "$2" -c "$W/$1.toml" >"$W/$1.log" 2>&1 &
+    sed "s/127.0.0.1:$P_OURS/127.0.0.1:$3/" "$W/template.toml" >"$W/ours-$1.toml"
+    RUST_LOG=warn taskset -c "$PROXY_CPU" "$2" -c "$W/ours-$1.toml" >"$W/ours-$1.log" 2>&1 &
     PIDS+=($!); PID[$1]=$!; wait_port "$3"
     TARGETS+=("$1"); PORT[$1]=$3
 }
@@ -89,21 +91,30 @@ sticky() {   # port cookie: all 20 answers from A?
 }
 
 cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }   # pid -> user and kernel clock ticks
+switches() {   # pid -> voluntary (it slept and was woken) and involuntary (preempted) switches
+    awk '/^voluntary_ctxt/ {v = $2} /^nonvoluntary_ctxt/ {n = $2} END {print v, n}' "/proc/$1/status"
+}
 
-bench() {   # label port cookie -> "rps p99_ms requests user_ticks kernel_ticks" appended to results
-    local out rps p99 n u0 k0 u1 k1
+bench() {   # label port cookie -> a row of results.tsv (see printf)
+    local out rps p99 n u0 k0 u1 k1 a0 b0 a1 b1 x ps0 ps1 w0 w1
     read -r u0 k0 < <(cpu_ticks "${PID[$1]}")
+    read -r a0 b0 < <(cpu_ticks "$UP_A"); read -r x ps0 < <(switches "${PID[$1]}")
+    read -r w0 x < <(switches "$UP_A")
     out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DUR}s" --latency -H "Cookie: $3" "http://127.0.0.1:$2/")
     read -r u1 k1 < <(cpu_ticks "${PID[$1]}")
+    read -r a1 b1 < <(cpu_ticks "$UP_A"); read -r x ps1 < <(switches "${PID[$1]}")
+    read -r w1 x < <(switches "$UP_A")
     rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
     n=$(awk '/ requests in / {print $1}' <<<"$out")
     p99=$(awk '$1 == "99%" { v = $2; if (v ~ /us$/) v = v / 1000; else if (v ~ /ms$/) v = v + 0; else if (v ~ /s$/) v = v * 1000; print v }' <<<"$out")
     grep -q "Non-2xx\|Socket errors" <<<"$out" && echo "bench: $1 reported errors: $(grep -E 'Non-2xx|Socket errors' <<<"$out")" >&2
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$ROUND" "$1" "$rps" "$p99" "$n" "$((u1 - u0))" "$((k1 - k0))" >>"$W/results.tsv"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$ROUND" "$1" "$rps" "$p99" "$n" "$((u1 - u0))" \
+        "$((k1 - k0))" "$((a1 + b1 - a0 - b0))" "$((w1 - w0))" "$((ps1 - ps0))" >>"$W/results.tsv"
 }
 
 cd "$ROOT" && cargo build --release -q -p stickylb
 start
+UP_A=$(pgrep -P "$(<"$W/up-A/nginx.pid")")   # upstream A's worker: every proxy pins to it
 CK[haproxy]=$(cookie_for "$P_HAPROXY" SRV) CK[nginx]=$(nginx_cookie)
 for t in "${TARGETS[@]:2}"; do CK[$t]=$(cookie_for "${PORT[$t]}" stickylb); done
 for t in "${TARGETS[@]}"; do sticky "${PORT[$t]}" "${CK[$t]}" || die "$t is not sticky with ${CK[$t]}"; done
@@ -118,9 +129,10 @@ import statistics, sys
 rows = [l.split('\t') for l in open(sys.argv[1]).read().split('\n') if l]
 tick_us = 1e6 / int(sys.argv[5])
 by = {}
-for r, t, rps, p99, n, user, kernel in rows:
+for r, t, rps, p99, n, user, kernel, up_cpu, up_wakes, preempted in rows:
     n = int(n)
-    by.setdefault(t, {})[int(r)] = (float(rps), float(p99), int(user) * tick_us / n, int(kernel) * tick_us / n)
+    by.setdefault(t, {})[int(r)] = (float(rps), float(p99), int(user) * tick_us / n, int(kernel) * tick_us / n,
+                                    int(up_cpu) * tick_us / n, int(up_wakes) / n, int(preempted) / n)
 print(f"\n{sys.argv[2]} interleaved rounds x {sys.argv[3]} s, wrk -t1 -c{sys.argv[4]}, keep-alive, sticky cookie to upstream A, one proxy thread\n")
 print("| proxy | requests/s (median) | p99 ms (median) | rps ratio vs HAProxy | p99 ratio vs HAProxy | CPU us/request: user | kernel |")
 print("|---|---|---|---|---|---|---|")
@@ -132,4 +144,10 @@ for t in by:
     user = statistics.median(v[2] for v in by[t].values())
     kernel = statistics.median(v[3] for v in by[t].values())
     print(f"| {t} | {rps:,.0f} | {p99:.2f} | {rr:.2f}x | {pr:.2f}x | {user:.1f} | {kernel:.1f} |")
+print("\nWhat each proxy costs upstream A, which shares its core (medians per request)\n")
+print("| proxy | upstream A CPU us | upstream A wake-ups | proxy preempted |")
+print("|---|---|---|---|")
+for t in by:
+    cpu, wakes, pre = (statistics.median(v[i] for v in by[t].values()) for i in (4, 5, 6))
+    print(f"| {t} | {cpu:.1f} | {wakes:.3f} | {pre:.3f} |")
 PY
