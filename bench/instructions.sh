@@ -4,6 +4,7 @@
 # (about 0.1%), so it can judge small changes to the request path.
 #
 #   bench/instructions.sh [BINARY]    # REQUESTS=2000 CONNS=10 BASE_PORT=29300
+#   BODY=262144 bench/instructions.sh  # responses of that many bytes (default: 2, "A\n")
 #
 # One nginx upstream, stickylb (one worker) under callgrind with instrumentation off; a warm-up of
 # 500 keep-alive requests carrying the affinity cookie, then instrumentation on for REQUESTS more.
@@ -21,7 +22,13 @@ W=$(mktemp -d /tmp/stickylb-ir.XXXXXX) NAME=instructions
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
 need valgrind callgrind_control callgrind_annotate nginx curl python3
-upstream_run up "$P_UP" A
+if [[ -n ${BODY:-} ]]; then   # a static file of BODY bytes, readable by nginx's unprivileged worker
+    mkdir -p "$W/files" && head -c "$BODY" /dev/zero | tr '\0' x >"$W/files/index.html"
+    chmod a+rx "$W" "$W/files" && chmod a+r "$W/files/index.html"
+    nginx_run up "$P_UP" "server { listen 127.0.0.1:$P_UP; root $W/files; location / { try_files /index.html =404; } }"
+else
+    upstream_run up "$P_UP" A
+fi
 stickylb_toml "$P_OURS" "" "$P_UP" >"$W/stickylb.toml"
 [[ -n ${1:-} ]] || (cd "$ROOT" && cargo build --release -q -p stickylb)
 RUST_LOG=warn valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$W/cg.%p" \
@@ -52,7 +59,7 @@ load "$REQUESTS"
 callgrind_control -i off "$VG" >/dev/null
 callgrind_control -d "$VG" >/dev/null 2>&1
 ALL=$(awk '/^totals:/ {print $2}' "$W"/cg.*.1)
-HK=$(callgrind_annotate --inclusive=yes "$W"/cg.*.1 2>/dev/null |
+HK=$(callgrind_annotate --threshold=100 --inclusive=yes "$W"/cg.*.1 2>/dev/null |
     awk '/stickylb::allocator::collect/ && !done {gsub(",", "", $1); print $1; done = 1}')
 IR=$((ALL - ${HK:-0}))
 echo "$(basename "$BIN"): $IR instructions for $REQUESTS requests = $((IR / REQUESTS)) per request (allocator housekeeping apart: ${HK:-0}; profile: $(ls "$W"/cg.*.1))"
