@@ -102,8 +102,17 @@ pub fn set_cookie(cfg: &AffinityConfig, token: &str) -> HeaderValue {
 /// empty is dropped.
 pub fn take(headers: &mut HeaderMap, name: &str) -> Vec<String> {
     let mut found = Vec::new();
-    let holds_ours = headers.get_all(COOKIE).iter().any(|v| mentions(v, name));
-    if !holds_ours {
+    let mut lines = headers.get_all(COOKIE).iter();
+    if let (Some(line), None) = (lines.next(), lines.next()) {
+        // The usual request: one Cookie line, rewritten in place.
+        match rewrite(line, name, &mut found) {
+            Line::Theirs => {}
+            Line::Rest(rest) => drop(headers.insert(COOKIE, rest)),
+            Line::Emptied => drop(headers.remove(COOKIE)),
+        }
+        return found;
+    }
+    if !headers.get_all(COOKIE).iter().any(|v| mentions(v, name)) {
         return found;
     }
     let old: Vec<HeaderValue> = match headers.entry(COOKIE) {
@@ -111,20 +120,38 @@ pub fn take(headers: &mut HeaderMap, name: &str) -> Vec<String> {
         http::header::Entry::Vacant(_) => return found,
     };
     for value in old {
-        if !mentions(&value, name) {
-            headers.append(COOKIE, value);
-            continue;
-        }
-        let Ok(text) = value.to_str() else { continue };
-        let kept = strip(text, name, &mut found);
-        if kept.is_empty() {
-            continue;
-        }
-        if let Ok(v) = HeaderValue::from_str(&kept) {
-            headers.append(COOKIE, v);
-        }
+        match rewrite(&value, name, &mut found) {
+            Line::Theirs => headers.append(COOKIE, value),
+            Line::Rest(rest) => headers.append(COOKIE, rest),
+            Line::Emptied => false,
+        };
     }
     found
+}
+
+/// One `Cookie` line after our cookies are taken out of it.
+enum Line {
+    /// It held none of ours: forwarded as it came.
+    Theirs,
+    /// The other cookies it held.
+    Rest(HeaderValue),
+    /// Nothing left: the line goes.
+    Emptied,
+}
+
+fn rewrite(line: &HeaderValue, name: &str, found: &mut Vec<String>) -> Line {
+    if !mentions(line, name) {
+        return Line::Theirs;
+    }
+    // Validation refuses non-ASCII header values before this runs.
+    let kept = line
+        .to_str()
+        .map(|text| strip(text, name, found))
+        .unwrap_or_default();
+    match HeaderValue::from_str(&kept) {
+        Ok(rest) if !kept.is_empty() => Line::Rest(rest),
+        _ => Line::Emptied,
+    }
 }
 
 fn mentions(value: &HeaderValue, name: &str) -> bool {
