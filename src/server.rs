@@ -54,7 +54,9 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(settings.client_header_timeout)
+        // The connection's own timer bounds a head (Quiet::check): hyper's armed a new timer
+        // for every request, about 1,500 instructions of each (README, Performance).
+        .header_read_timeout(None::<Duration>)
         .max_buf_size(settings.max_header_bytes);
     builder.http2().timer(TokioTimer::new());
     let builder = Arc::new(builder);
@@ -268,6 +270,10 @@ impl Conn {
                 }
                 _ = self.stop.changed() => break false,
                 () = &mut check => match quiet.check(Seen::now(activity, conflicts)) {
+                    Verdict::Abort => {
+                        tracing::debug!(peer = %self.peer, "request head timed out");
+                        return false;
+                    }
                     Verdict::Close => break false,
                     Verdict::Park => break true,
                     Verdict::CheckAt(at) => check.as_mut().reset(at),
@@ -290,6 +296,9 @@ impl Conn {
 /// What a quiet connection's timer decides when it fires.
 #[derive(Debug, PartialEq, Eq)]
 enum Verdict {
+    /// A request head begun and not finished in time (slowloris): dropped at once, since a
+    /// graceful close would wait for the rest of the head.
+    Abort,
     Close,
     Park,
     CheckAt(Instant),
@@ -331,13 +340,17 @@ impl Seen {
 }
 
 impl Quiet {
-    /// Closes a connection idle for `idle`; parks one quiet for `park_after` that has served a
-    /// request and holds no unread byte; otherwise says when to look again.
+    /// Closes a connection idle for `idle` (aborts it if part of a head has come, since `idle`
+    /// is also the time a client has for its head); parks one quiet for `park_after` that has
+    /// served a request and holds no unread byte; otherwise says when to look again.
     fn check(&mut self, seen: Seen) -> Verdict {
         let Some(since) = seen.idle_since else {
             return Verdict::CheckAt(seen.now + self.park_after.min(self.idle));
         };
         let close_at = since + self.idle;
+        if seen.now >= close_at && !seen.lost && !seen.at_rest {
+            return Verdict::Abort;
+        }
         if seen.now >= close_at {
             return Verdict::Close;
         }
@@ -493,6 +506,23 @@ mod tests {
                 head_half_read,
                 at(2500),
             ),
+            (
+                "part of a head read past the limit: abort",
+                Seen {
+                    at_rest: false,
+                    ..seen(t0, 10_200, Some(200))
+                },
+                Verdict::Abort,
+            ),
+            (
+                "HTTP/2 or tunnel past the limit: close gracefully",
+                Seen {
+                    lost: true,
+                    at_rest: false,
+                    ..seen(t0, 10_200, Some(200))
+                },
+                Verdict::Close,
+            ),
         ];
         for (what, seen, verdict) in table {
             assert_eq!(quiet(t0).check(seen), verdict, "{what}");
@@ -517,5 +547,10 @@ mod tests {
             Verdict::CheckAt(t0 + 2000 * MS)
         );
         assert_eq!(q.check(seen(t0, 2000, Some(0))), Verdict::Close);
+        let still_half = Seen {
+            at_rest: false,
+            ..seen(t0, 2000, Some(0))
+        };
+        assert_eq!(q.check(still_half), Verdict::Abort);
     }
 }

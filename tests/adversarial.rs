@@ -209,8 +209,6 @@ async fn a_client_abort_mid_body_aborts_the_upstream_request_and_its_connection(
     println!("FIGURE client abort: upstream connection closed within {aborted_after:?}");
 }
 
-/// `timeouts.client_header` bounds both a slow request head (slowloris) and an idle keep-alive
-/// connection: hyper starts the clock whenever it waits for a request head.
 /// Idle upstream connections are reused while fresh and closed after `timeouts.backend_idle`, so
 /// stickylb lets go first rather than racing a backend's own keep-alive timeout with a reuse.
 #[tokio::test]
@@ -305,6 +303,10 @@ async fn answer_once_and_close(
     closed.send(path).unwrap();
 }
 
+/// `timeouts.client_header` bounds both a slow request head (slowloris) and an idle keep-alive
+/// connection: the clock runs from the end of the last request (or the connection's start)
+/// until the next head is whole. A head begun and not finished is dropped, not closed
+/// gracefully, which would wait for the rest of it.
 #[tokio::test]
 async fn slow_heads_and_idle_keep_alive_connections_are_closed_after_client_header() {
     let backend = RawBackend::start().await;
