@@ -685,9 +685,11 @@ fn timeouts(raw: raw::Timeouts, ctx: &Ctx) -> Result<TimeoutConfig, ConfigError>
         ("timeouts.backend_response", raw.backend_response),
         ("timeouts.tunnel_idle", raw.tunnel_idle),
     ];
+    // The upper bound keeps deadlines computed from these far from the clock's own limits.
+    let longest = Duration::from_secs(30 * 24 * 3600);
     for (key, value) in all {
-        if value < Duration::from_millis(1) {
-            return Err(ctx.error(0..0, key, "must be at least 1ms".into()));
+        if value < Duration::from_millis(1) || value > longest {
+            return Err(ctx.error(0..0, key, "must be between 1ms and 30d".into()));
         }
     }
     Ok(TimeoutConfig {
@@ -867,6 +869,24 @@ weight = 3
             assert_eq!(e.key, *key, "{name}: {e}");
             assert!(e.to_string().contains(needle), "{name}: {e}");
         }
+    }
+
+    #[test]
+    fn timeouts_outside_1ms_to_30_days_are_refused() {
+        for value in ["0s", "31days", "1000years"] {
+            let e = err(&format!(
+                "{GOOD}\n[timeouts]\nbackend_response = \"{value}\"\n"
+            ));
+            assert_eq!(e.key, "timeouts.backend_response", "{value}: {e}");
+            assert!(
+                e.to_string().contains("between 1ms and 30d"),
+                "{value}: {e}"
+            );
+        }
+        assert!(parse(&format!(
+            "{GOOD}\n[timeouts]\nbackend_response = \"30days\"\n"
+        ))
+        .is_ok());
     }
 
     #[test]

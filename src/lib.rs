@@ -19,6 +19,7 @@
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2 (h2c, or TLS with ALPN), idle connections,
 //!   graceful shutdown.
 //! - [`activity`]: idle clocks: when work last started or ended, and how much is under way.
+//! - [`link`]: an upstream connection's one timer: idling out, and a response head that is late.
 //! - [`park`]: lending a socket to hyper and taking it back, so quiet connections hold no buffers.
 //! - [`tls`]: loading the certificate and key into a rustls configuration.
 //! - [`allocator`]: when a quiet worker lets the allocator give freed memory back to the OS.
@@ -42,6 +43,7 @@ pub mod framing;
 pub mod headers;
 pub mod health;
 pub mod heartbeat;
+pub mod link;
 pub mod metrics;
 pub mod park;
 pub mod proxy;

@@ -141,17 +141,20 @@ impl Proxy {
             let request = upstream_request(&out.parts, from, out.body.attempt());
             let guard = backend.start_request(hit);
             let (sent, timeout) = (Instant::now(), routing.timeouts.backend_response);
-            let exchange = self.client.send(&backend.pool, &backend.address, request);
-            let err = match tokio::time::timeout(timeout, exchange).await {
-                Ok(Ok((resp, lease))) => {
+            let deadline = tokio::time::Instant::from_std(sent) + timeout;
+            let exchange = self
+                .client
+                .send(&backend.pool, &backend.address, request, deadline);
+            let err = match exchange.await {
+                Ok((resp, lease)) => {
                     self.metrics.upstream_latency(backend, sent.elapsed());
                     if let Some(old) = from {
                         self.audit(routing, &out.parts, old, member, reason);
                     }
                     return out.relay(routing, idx, hit, resp, guard, lease);
                 }
-                Ok(Err(e)) => e,
-                Err(_elapsed) => return Err(ProxyError::Timeout(timeout)),
+                Err(e) if e.is_late() => return Err(ProxyError::Timeout(timeout)),
+                Err(e) => e,
             };
             failed(member, &err)?;
             if hit {

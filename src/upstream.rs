@@ -19,9 +19,11 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
-use crate::activity::{Activity, Busy};
+use crate::activity::Busy;
 use crate::body::UpstreamBody;
+use crate::link::{Ending, Link};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -31,6 +33,8 @@ pub enum UpstreamError {
     ConnectTimeout(Duration),
     #[error("upstream exchange failed")]
     Exchange(#[source] hyper::Error),
+    #[error("no response head by the deadline")]
+    Late,
 }
 
 impl UpstreamError {
@@ -42,6 +46,12 @@ impl UpstreamError {
     pub fn is_timeout(&self) -> bool {
         matches!(self, Self::ConnectTimeout(_))
     }
+
+    /// The response head did not come in time (`timeouts.backend_response`): the request may
+    /// have been acted on, so it is answered 504 and not retried.
+    pub fn is_late(&self) -> bool {
+        matches!(self, Self::Late)
+    }
 }
 
 /// Idle connections to one backend, most recently used last.
@@ -52,7 +62,7 @@ pub struct Pool {
 
 struct Idle {
     tx: SendRequest<UpstreamBody>,
-    activity: Arc<Activity>,
+    link: Arc<Link>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -73,23 +83,23 @@ impl Pool {
         let mut idle = self.lock();
         idle.retain(|c| !c.tx.is_closed());
         let ready = idle.iter().rposition(|c| c.tx.is_ready())?;
-        let Idle { tx, activity } = idle.swap_remove(ready);
-        Some(self.lend(tx, activity))
+        let Idle { tx, link } = idle.swap_remove(ready);
+        Some(self.lend(tx, link))
     }
 
     /// Lends a connection to one exchange; it counts as busy until the lease ends.
-    fn lend(self: &Arc<Self>, tx: SendRequest<UpstreamBody>, activity: Arc<Activity>) -> Lease {
+    fn lend(self: &Arc<Self>, tx: SendRequest<UpstreamBody>, link: Arc<Link>) -> Lease {
         Lease {
             tx,
-            _busy: Activity::begin(&activity),
-            activity,
+            _busy: link.begin(),
+            link,
             pool: Arc::clone(self),
         }
     }
 
-    /// The connection behind `activity` has ended: it is no longer offered.
-    fn forget(&self, activity: &Arc<Activity>) {
-        self.lock().retain(|c| !Arc::ptr_eq(&c.activity, activity));
+    /// The connection behind `link` has ended: it is no longer offered.
+    fn forget(&self, link: &Arc<Link>) {
+        self.lock().retain(|c| !Arc::ptr_eq(&c.link, link));
     }
 
     /// How many connections wait for a request.
@@ -102,7 +112,7 @@ impl Pool {
 /// that went away mid-body, an upgrade), the connection is closed, never reused.
 pub struct Lease {
     tx: SendRequest<UpstreamBody>,
-    activity: Arc<Activity>,
+    link: Arc<Link>,
     _busy: Busy,
     pool: Arc<Pool>,
 }
@@ -116,11 +126,18 @@ impl std::fmt::Debug for Lease {
 impl Lease {
     /// The response was read whole: the connection may carry the next exchange.
     pub fn release(self) {
-        let Lease {
-            tx, activity, pool, ..
-        } = self;
+        let Lease { tx, link, pool, .. } = self;
         if !tx.is_closed() {
-            pool.lock().push(Idle { tx, activity });
+            pool.lock().push(Idle { tx, link });
+        }
+    }
+
+    /// What ended an exchange that failed: the driver closing a late connection, or hyper's error.
+    fn failure(&self, e: hyper::Error) -> UpstreamError {
+        if self.link.was_late() {
+            UpstreamError::Late
+        } else {
+            UpstreamError::Exchange(e)
         }
     }
 }
@@ -134,38 +151,55 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Sends `req` (origin-form URI, `Host` set) on a pooled connection or a new one. A pooled
-    /// connection found closed before the request went out is passed over.
+    /// Sends `req` (origin-form URI, `Host` set) on a pooled connection or a new one; its
+    /// response head is due by `deadline`, connecting included. A pooled connection found
+    /// closed before the request went out is passed over.
     pub async fn send(
         &self,
         pool: &Arc<Pool>,
         address: &Authority,
         mut req: Request<UpstreamBody>,
+        deadline: Instant,
     ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
+        // The deadline is set and cleared around each send here, not in a helper: a nested
+        // future moved every request once more (240 instructions per request).
         while let Some(mut lease) = pool.checkout() {
-            match lease.tx.try_send_request(req).await {
+            lease.link.expect_by(deadline);
+            let sent = lease.tx.try_send_request(req).await;
+            lease.link.arrived();
+            match sent {
                 Ok(resp) => return Ok((resp, lease)),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => req = unsent,
-                    None => return Err(UpstreamError::Exchange(e.into_error())),
+                    None => return Err(lease.failure(e.into_error())),
                 },
             }
         }
-        let mut lease = self.connect(pool, address).await?;
-        match lease.tx.send_request(req).await {
+        let mut lease = self.connect(pool, address, deadline).await?;
+        lease.link.expect_by(deadline);
+        let sent = lease.tx.send_request(req).await;
+        lease.link.arrived();
+        match sent {
             Ok(resp) => Ok((resp, lease)),
-            Err(e) => Err(UpstreamError::Exchange(e)),
+            Err(e) => Err(lease.failure(e)),
         }
     }
 
-    async fn connect(&self, pool: &Arc<Pool>, address: &Authority) -> Result<Lease, UpstreamError> {
+    async fn connect(
+        &self,
+        pool: &Arc<Pool>,
+        address: &Authority,
+        deadline: Instant,
+    ) -> Result<Lease, UpstreamError> {
         // An IPv6 literal keeps its brackets in an authority; the resolver wants it bare.
         let host = address.host().trim_start_matches('[').trim_end_matches(']');
         let port = address.port_u16().unwrap_or(80);
         let connecting = TcpStream::connect((host, port));
-        let stream = match tokio::time::timeout(self.connect_timeout, connecting).await {
+        let limit = (Instant::now() + self.connect_timeout).min(deadline);
+        let stream = match tokio::time::timeout_at(limit, connecting).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => return Err(UpstreamError::Connect(e)),
+            Err(_elapsed) if limit == deadline => return Err(UpstreamError::Late),
             Err(_elapsed) => return Err(UpstreamError::ConnectTimeout(self.connect_timeout)),
         };
         if let Err(e) = stream.set_nodelay(true) {
@@ -174,17 +208,20 @@ impl Upstream {
         let (tx, conn) = http1::handshake(TokioIo::new(stream))
             .await
             .map_err(UpstreamError::Exchange)?;
-        let activity = Arc::new(Activity::new());
-        let lease = pool.lend(tx, Arc::clone(&activity));
+        let link = Arc::new(Link::new());
+        let lease = pool.lend(tx, Arc::clone(&link));
         let (idle, pool) = (self.idle_timeout, Arc::clone(pool));
         tokio::spawn(async move {
             tokio::select! {
                 ended = conn.with_upgrades() => if let Err(e) = ended {
                     tracing::debug!(error = %e, "upstream connection ended with an error");
                 },
-                () = activity.idle_for(idle) => tracing::debug!("closing idle upstream connection"),
+                ending = link.watch(idle) => match ending {
+                    Ending::Idle => tracing::debug!("closing idle upstream connection"),
+                    Ending::Late => tracing::debug!("closing upstream connection: response head late"),
+                },
             }
-            pool.forget(&activity);
+            pool.forget(&link);
         });
         Ok(lease)
     }
@@ -227,7 +264,8 @@ mod tests {
         };
         let pool = Arc::new(Pool::default());
         let req = Request::get("/").body(UpstreamBody::default())?;
-        let (resp, lease) = upstream.send(&pool, &address, req).await?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (resp, lease) = upstream.send(&pool, &address, req, deadline).await?;
         resp.into_body().collect().await?;
         lease.release();
         assert_eq!(

@@ -327,11 +327,23 @@ async fn a_silent_backend_gives_504_after_the_response_timeout() {
         &format!("{QUIET_HEALTH}[timeouts]\nbackend_response = \"200ms\"\n"),
     ))
     .await;
-    let started = std::time::Instant::now();
-    let r = Clientele::new(proxy.addr).get("/never", None).await;
-    assert_eq!(r.status, 504);
-    assert!(started.elapsed() < Duration::from_secs(3));
-    assert!(!r.body.contains("127.0.0.1"));
+    let client = Clientele::new(proxy.addr);
+    // Once on a new upstream connection, once on the pooled one (its timer armed for idling).
+    for pooled in [false, true] {
+        if pooled {
+            assert_eq!(client.get("/", None).await.status, 200);
+        }
+        let started = std::time::Instant::now();
+        let r = client.get("/never", None).await;
+        let took = started.elapsed();
+        assert_eq!(r.status, 504);
+        assert!(
+            took >= Duration::from_millis(195) && took < Duration::from_secs(1),
+            "pooled {pooled}: 504 after {took:?}"
+        );
+        assert!(!r.body.contains("127.0.0.1"));
+        println!("FIGURE backend_response 200ms, pooled {pooled}: 504 after {took:?}");
+    }
 }
 
 #[tokio::test]

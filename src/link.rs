@@ -1,0 +1,266 @@
+//! What an upstream connection's exchanges share with the task that drives it: the idle clock,
+//! and when the response head it waits for is due. The driver task closes the connection when
+//! it idles out or the head is late; a late head ends the exchange with an error that
+//! [`Link::was_late`] tells apart, so the client gets 504 and the request is not retried.
+//!
+//! One timer per connection does both, armed again only when it fires or the deadline moves
+//! earlier than it: a timeout made and cancelled around every exchange cost about 1,000
+//! instructions per request (README, Performance).
+
+use std::future::{poll_fn, Future};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::activity::{Activity, Busy};
+
+/// Why a connection's driver task closes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    Idle,
+    /// The response head did not come by its deadline.
+    Late,
+}
+
+/// What the driver's timer decides when it fires.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    End(Ending),
+    WakeAt(Instant),
+}
+
+/// The rule, apart from the timer: `due` is the awaited head's deadline, `idle_since` when the
+/// last exchange ended (None while one is under way).
+fn step(now: Instant, due: Option<Instant>, idle_since: Option<Instant>, idle: Duration) -> Step {
+    match (due, idle_since) {
+        (Some(due), _) if now >= due => Step::End(Ending::Late),
+        // Busy, but looked at again within `idle`: the head may come and the connection idle
+        // long before a distant deadline.
+        (Some(due), _) => Step::WakeAt(due.min(now + idle)),
+        (None, Some(since)) if now >= since + idle => Step::End(Ending::Idle),
+        (None, Some(since)) => Step::WakeAt(since + idle),
+        // A response body is still being read.
+        (None, None) => Step::WakeAt(now + idle),
+    }
+}
+
+pub struct Link {
+    activity: Arc<Activity>,
+    origin: Instant,
+    /// Milliseconds after `origin` by which the head is due, plus one; 0 while none is awaited.
+    due_ms: AtomicU64,
+    late: AtomicBool,
+}
+
+impl Link {
+    pub fn new() -> Self {
+        Self {
+            activity: Arc::new(Activity::new()),
+            origin: Instant::now(),
+            due_ms: AtomicU64::new(0),
+            late: AtomicBool::new(false),
+        }
+    }
+
+    /// An exchange starts: the connection is busy until the returned guard is dropped.
+    pub fn begin(&self) -> Busy {
+        Activity::begin(&self.activity)
+    }
+
+    /// A request went out (or is about to): its response head is due by `deadline`.
+    pub fn expect_by(&self, deadline: Instant) {
+        let d = deadline.saturating_duration_since(self.origin);
+        // Rounded up, so the deadline is never brought forward.
+        let ms = d.as_secs() * 1000 + u64::from(d.subsec_nanos().div_ceil(1_000_000));
+        self.due_ms.store(ms.saturating_add(1), Ordering::Relaxed);
+    }
+
+    /// The response head has come.
+    pub fn arrived(&self) {
+        self.due_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// Whether the driver closed the connection because the head was late.
+    pub fn was_late(&self) -> bool {
+        self.late.load(Ordering::Acquire)
+    }
+
+    fn due(&self) -> Option<Instant> {
+        match self.due_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(self.origin + Duration::from_millis(ms - 1)),
+        }
+    }
+
+    /// Resolves when the connection should be closed. Polled on every wake of the driver task
+    /// (each request wakes it to be written), which is when a new, earlier deadline is seen.
+    pub async fn watch(&self, idle: Duration) -> Ending {
+        let timer = tokio::time::sleep(idle);
+        tokio::pin!(timer);
+        let ending = poll_fn(|cx| loop {
+            if let Some(due) = self.due().filter(|due| *due < timer.deadline()) {
+                timer.as_mut().reset(due);
+            }
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let now = Instant::now();
+            match step(now, self.due(), self.activity.idle_since(), idle) {
+                Step::End(ending) => return Poll::Ready(ending),
+                Step::WakeAt(at) => timer.as_mut().reset(at),
+            }
+        })
+        .await;
+        if ending == Ending::Late {
+            self.late.store(true, Ordering::Release);
+        }
+        ending
+    }
+}
+
+impl Default for Link {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn the_timer_ends_a_late_head_or_an_idle_connection_or_says_when_to_look_again() {
+        let t0 = Instant::now();
+        let idle = 4000 * MS;
+        let at = |ms: u32| t0 + ms * MS;
+        let table = [
+            (
+                "head awaited, not yet due",
+                at(500),
+                Some(at(900)),
+                None,
+                Step::WakeAt(at(900)),
+            ),
+            (
+                "head due after the idle period",
+                at(500),
+                Some(at(30_500)),
+                None,
+                Step::WakeAt(at(4500)),
+            ),
+            (
+                "head due now: late",
+                at(900),
+                Some(at(900)),
+                None,
+                Step::End(Ending::Late),
+            ),
+            (
+                "head past due: late",
+                at(950),
+                Some(at(900)),
+                None,
+                Step::End(Ending::Late),
+            ),
+            (
+                "body being read",
+                at(500),
+                None,
+                None,
+                Step::WakeAt(at(4500)),
+            ),
+            (
+                "idle, not yet long",
+                at(500),
+                None,
+                Some(at(100)),
+                Step::WakeAt(at(4100)),
+            ),
+            (
+                "idle long enough",
+                at(4100),
+                None,
+                Some(at(100)),
+                Step::End(Ending::Idle),
+            ),
+        ];
+        for (what, now, due, idle_since, expected) in table {
+            assert_eq!(step(now, due, idle_since, idle), expected, "{what}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_earlier_than_the_armed_timer_is_kept_to_the_millisecond() {
+        let link = Arc::new(Link::new());
+        let poke = Arc::new(tokio::sync::Notify::new());
+        // A driver task: besides the watch, a request to write wakes it (here, `poke`).
+        let driver = tokio::spawn({
+            let (link, poke) = (Arc::clone(&link), Arc::clone(&poke));
+            async move {
+                let watch = link.watch(Duration::from_secs(4));
+                tokio::pin!(watch);
+                loop {
+                    tokio::select! {
+                        ending = &mut watch => return (ending, Instant::now()),
+                        () = poke.notified() => {}
+                    }
+                }
+            }
+        });
+        tokio::task::yield_now().await;
+        let _busy = link.begin();
+        let deadline = Instant::now() + Duration::from_millis(1000);
+        link.expect_by(deadline);
+        poke.notify_one();
+        let (ending, at) = driver.await.expect("the driver runs");
+        assert_eq!(ending, Ending::Late);
+        assert!(
+            at >= deadline && at < deadline + 2 * MS,
+            "{:?}",
+            at - deadline
+        );
+        assert!(link.was_late());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_idles_out_on_time_after_a_head_awaited_past_its_timer() {
+        let link = Arc::new(Link::new());
+        let busy = link.begin();
+        link.expect_by(Instant::now() + Duration::from_secs(30));
+        let idle = Duration::from_millis(100);
+        let driver = tokio::spawn({
+            let link = Arc::clone(&link);
+            async move { (link.watch(idle).await, Instant::now()) }
+        });
+        // The timer fires once while the head is awaited, then the exchange ends.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        link.arrived();
+        drop(busy);
+        let released = Instant::now();
+        let (ending, at) = driver.await.expect("the driver runs");
+        assert_eq!(ending, Ending::Idle);
+        assert!(
+            at - released >= idle && at - released < 3 * idle,
+            "{:?}",
+            at - released
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_that_came_leaves_only_the_idle_close() {
+        let link = Link::new();
+        let busy = link.begin();
+        link.expect_by(Instant::now() + Duration::from_millis(100));
+        link.arrived();
+        drop(busy);
+        let idle_from = Instant::now();
+        assert_eq!(link.watch(Duration::from_secs(4)).await, Ending::Idle);
+        assert!(Instant::now() - idle_from >= Duration::from_secs(4));
+        assert!(!link.was_late());
+    }
+}
