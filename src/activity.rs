@@ -1,6 +1,6 @@
 //! When something (a client connection, an upstream connection) last started or finished a piece
-//! of work, and how many are under way: what idle timeouts are measured from. hyper's own HTTP/1
-//! timeout covers only the wait for a request head, and HTTP/2 has none.
+//! of work, and how many are under way: what idle timeouts, and the time a client has for its
+//! next request head, are measured from (hyper's own timers are not used for either).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
