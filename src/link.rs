@@ -1,14 +1,14 @@
 //! What an upstream connection's exchanges share with the task that drives it: the idle clock,
 //! and when the response head it waits for is due. The driver task closes the connection when
-//! it idles out or the head is late; a late head ends the exchange with an error that
-//! [`Link::was_late`] tells apart, so the client gets 504 and the request is not retried.
+//! it idles out or the head is late; [`Link::settle`] tells the exchange which came first, so a
+//! late head is answered 504 (and not retried) even if it came as the connection closed.
 //!
 //! One timer per connection does both, armed again only when it fires or the deadline moves
 //! earlier than it: a timeout made and cancelled around every exchange cost about 1,000
 //! instructions per request (README, Performance).
 
 use std::future::{poll_fn, Future};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -50,18 +50,22 @@ fn step(now: Instant, due: Option<Instant>, idle_since: Option<Instant>, idle: D
 pub struct Link {
     activity: Arc<Activity>,
     origin: Instant,
-    /// Milliseconds after `origin` by which the head is due, plus one; 0 while none is awaited.
+    /// [`NONE`], [`LATE`], or one plus the milliseconds after `origin` by which the awaited head
+    /// is due. The exchange (head arrived) and the driver (head late) each try to end the wait;
+    /// one atomic operation decides which came first, so a head that made it is never cut off
+    /// and a late one is never relayed.
     due_ms: AtomicU64,
-    late: AtomicBool,
 }
+
+const NONE: u64 = 0;
+const LATE: u64 = u64::MAX;
 
 impl Link {
     pub fn new() -> Self {
         Self {
             activity: Arc::new(Activity::new()),
             origin: Instant::now(),
-            due_ms: AtomicU64::new(0),
-            late: AtomicBool::new(false),
+            due_ms: AtomicU64::new(NONE),
         }
     }
 
@@ -75,23 +79,20 @@ impl Link {
         let d = deadline.saturating_duration_since(self.origin);
         // Rounded up, so the deadline is never brought forward.
         let ms = d.as_secs() * 1000 + u64::from(d.subsec_nanos().div_ceil(1_000_000));
-        self.due_ms.store(ms.saturating_add(1), Ordering::Relaxed);
+        self.due_ms
+            .store(ms.saturating_add(1).min(LATE - 1), Ordering::Release);
     }
 
-    /// The response head has come.
-    pub fn arrived(&self) {
-        self.due_ms.store(0, Ordering::Relaxed);
+    /// The exchange is over (a head came, or it failed): true if the driver had not already
+    /// found the head late and closed the connection.
+    pub fn settle(&self) -> bool {
+        self.due_ms.swap(NONE, Ordering::AcqRel) != LATE
     }
 
-    /// Whether the driver closed the connection because the head was late.
-    pub fn was_late(&self) -> bool {
-        self.late.load(Ordering::Acquire)
-    }
-
-    fn due(&self) -> Option<Instant> {
-        match self.due_ms.load(Ordering::Relaxed) {
-            0 => None,
-            ms => Some(self.origin + Duration::from_millis(ms - 1)),
+    fn due(raw: u64, origin: Instant) -> Option<Instant> {
+        match raw {
+            NONE | LATE => None,
+            ms => Some(origin + Duration::from_millis(ms - 1)),
         }
     }
 
@@ -100,24 +101,30 @@ impl Link {
     pub async fn watch(&self, idle: Duration) -> Ending {
         let timer = tokio::time::sleep(idle);
         tokio::pin!(timer);
-        let ending = poll_fn(|cx| loop {
-            if let Some(due) = self.due().filter(|due| *due < timer.deadline()) {
+        poll_fn(|cx| loop {
+            let raw = self.due_ms.load(Ordering::Acquire);
+            let due = Self::due(raw, self.origin);
+            if let Some(due) = due.filter(|due| *due < timer.deadline()) {
                 timer.as_mut().reset(due);
             }
             if timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            let now = Instant::now();
-            match step(now, self.due(), self.activity.idle_since(), idle) {
+            match step(Instant::now(), due, self.activity.idle_since(), idle) {
+                // Lost to the head arriving (or a new request) since `raw` was read: look again.
+                Step::End(Ending::Late) if !self.mark_late(raw) => continue,
                 Step::End(ending) => return Poll::Ready(ending),
                 Step::WakeAt(at) => timer.as_mut().reset(at),
             }
         })
-        .await;
-        if ending == Ending::Late {
-            self.late.store(true, Ordering::Release);
-        }
-        ending
+        .await
+    }
+
+    fn mark_late(&self, raw: u64) -> bool {
+        let marked = self
+            .due_ms
+            .compare_exchange(raw, LATE, Ordering::AcqRel, Ordering::Acquire);
+        marked.is_ok()
     }
 }
 
@@ -224,7 +231,20 @@ mod tests {
             "{:?}",
             at - deadline
         );
-        assert!(link.was_late());
+        assert!(!link.settle(), "the exchange learns its head was late");
+    }
+
+    #[test]
+    fn a_head_and_its_deadline_are_decided_once() {
+        let link = Link::new();
+        link.expect_by(Instant::now());
+        let seen = link.due_ms.load(Ordering::Acquire);
+        assert!(link.settle(), "the head came first");
+        assert!(!link.mark_late(seen), "so the driver cannot call it late");
+        link.expect_by(Instant::now());
+        let seen = link.due_ms.load(Ordering::Acquire);
+        assert!(link.mark_late(seen), "the deadline came first");
+        assert!(!link.settle(), "so the exchange learns it was late");
     }
 
     #[tokio::test(start_paused = true)]
@@ -239,7 +259,7 @@ mod tests {
         });
         // The timer fires once while the head is awaited, then the exchange ends.
         tokio::time::sleep(Duration::from_millis(150)).await;
-        link.arrived();
+        assert!(link.settle());
         drop(busy);
         let released = Instant::now();
         let (ending, at) = driver.await.expect("the driver runs");
@@ -256,11 +276,10 @@ mod tests {
         let link = Link::new();
         let busy = link.begin();
         link.expect_by(Instant::now() + Duration::from_millis(100));
-        link.arrived();
+        assert!(link.settle());
         drop(busy);
         let idle_from = Instant::now();
         assert_eq!(link.watch(Duration::from_secs(4)).await, Ending::Idle);
         assert!(Instant::now() - idle_from >= Duration::from_secs(4));
-        assert!(!link.was_late());
     }
 }

@@ -132,12 +132,16 @@ impl Lease {
         }
     }
 
-    /// What ended an exchange that failed: the driver closing a late connection, or hyper's error.
-    fn failure(&self, e: hyper::Error) -> UpstreamError {
-        if self.link.was_late() {
-            UpstreamError::Late
-        } else {
-            UpstreamError::Exchange(e)
+    /// Ends the wait for the head: what the exchange came to, given whether the driver had
+    /// already found the head late (then a head that came anyway is dropped with the connection).
+    fn settle(
+        self,
+        sent: Result<Response<Incoming>, hyper::Error>,
+    ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
+        match (self.link.settle(), sent) {
+            (true, Ok(resp)) => Ok((resp, self)),
+            (true, Err(e)) => Err(UpstreamError::Exchange(e)),
+            (false, _) => Err(UpstreamError::Late),
         }
     }
 }
@@ -165,24 +169,22 @@ impl Upstream {
         // future moved every request once more (240 instructions per request).
         while let Some(mut lease) = pool.checkout() {
             lease.link.expect_by(deadline);
-            let sent = lease.tx.try_send_request(req).await;
-            lease.link.arrived();
-            match sent {
-                Ok(resp) => return Ok((resp, lease)),
+            match lease.tx.try_send_request(req).await {
+                Ok(resp) => return lease.settle(Ok(resp)),
                 Err(mut e) => match e.take_message() {
-                    Some(unsent) => req = unsent,
-                    None => return Err(lease.failure(e.into_error())),
+                    // Not sent: the connection had closed. The next one gets the same deadline.
+                    Some(unsent) => {
+                        lease.link.settle();
+                        req = unsent;
+                    }
+                    None => return lease.settle(Err(e.into_error())),
                 },
             }
         }
         let mut lease = self.connect(pool, address, deadline).await?;
         lease.link.expect_by(deadline);
         let sent = lease.tx.send_request(req).await;
-        lease.link.arrived();
-        match sent {
-            Ok(resp) => Ok((resp, lease)),
-            Err(e) => Err(lease.failure(e)),
-        }
+        lease.settle(sent)
     }
 
     async fn connect(
