@@ -16,7 +16,7 @@ use hyper_util::server::conn::auto::Builder;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
@@ -50,16 +50,7 @@ pub async fn serve(
     settings: ServerSettings,
     shutdown: impl Future<Output = ()>,
 ) {
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // The connection's own timer bounds a head (Quiet::check): hyper's armed a new timer
-        // for every request, about 1,500 instructions of each (README, Performance).
-        .header_read_timeout(None::<Duration>)
-        .max_buf_size(settings.max_header_bytes);
-    builder.http2().timer(TokioTimer::new());
-    let builder = Arc::new(builder);
+    let builder = Arc::new(http_builder(&settings));
     let tls = settings.tls.clone().map(TlsAcceptor::from);
     let (stop, stopped) = watch::channel(());
     // Back-pressure: at the connection limit, stop accepting until a connection closes; new
@@ -68,18 +59,9 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(settings.max_connections));
     tokio::pin!(shutdown);
     let mut accepts = Accepts::default();
-    loop {
-        let slot = tokio::select! {
-            permit = Arc::clone(&slots).acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break, // the semaphore is never closed
-            },
-            () = &mut shutdown => break,
-        };
-        let (stream, peer) = tokio::select! {
-            accepted = accepts.next(&listener) => accepted,
-            () = &mut shutdown => break,
-        };
+    while let Some((slot, stream, peer)) =
+        next_client(&slots, &mut accepts, &listener, shutdown.as_mut()).await
+    {
         // Boxed: a task's future keeps a moved-in value's slot for its whole life, so an inline
         // `Conn` would be held twice by every connection's task, parked ones included.
         let conn = Box::new(Conn {
@@ -104,6 +86,39 @@ pub async fn serve(
     }
     drop(listener);
     drain(stop, &slots, &settings).await;
+}
+
+/// The next client and the connection slot it holds, or None once shutdown is asked for.
+async fn next_client(
+    slots: &Arc<Semaphore>,
+    accepts: &mut Accepts,
+    listener: &TcpListener,
+    mut shutdown: Pin<&mut impl Future<Output = ()>>,
+) -> Option<(OwnedSemaphorePermit, TcpStream, SocketAddr)> {
+    let slot = tokio::select! {
+        // The semaphore is never closed.
+        permit = Arc::clone(slots).acquire_owned() => permit.ok()?,
+        () = &mut shutdown => return None,
+    };
+    let (stream, peer) = tokio::select! {
+        accepted = accepts.next(listener) => accepted,
+        () = &mut shutdown => return None,
+    };
+    Some((slot, stream, peer))
+}
+
+/// HTTP/1.1 and HTTP/2 by preface (or ALPN), each with hyper's timer; the head of an HTTP/1
+/// request is bounded by the connection's own timer instead (`Quiet::check`): hyper's armed a new
+/// timer for every request, about 1,500 instructions of each (README, Performance).
+fn http_builder(settings: &ServerSettings) -> Builder<TokioExecutor> {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(None::<Duration>)
+        .max_buf_size(settings.max_header_bytes);
+    builder.http2().timer(TokioTimer::new());
+    builder
 }
 
 /// Asks every connection to finish its requests and close, and waits for that within the grace.
