@@ -454,49 +454,15 @@ fn validate(
     ctx: &Ctx,
     env_secret: Option<String>,
 ) -> Result<Config, ConfigError> {
-    let listener = ListenerConfig {
-        address: socket_addr(&raw.listener.address, "listener.address", ctx)?,
-        forwarding: ForwardingConfig {
-            trusted_proxies: trusted_proxies(&raw.listener.trusted_proxies, ctx)?,
-            forwarded: raw.listener.forwarded,
-        },
-        tls: raw.listener.tls.map(|t| tls(t, ctx)).transpose()?,
-    };
+    let listener = listener(raw.listener, ctx)?;
     let admin = raw.admin.map(|a| admin(a, ctx)).transpose()?;
     let workers = raw.runtime.workers.map(|w| workers(&w, ctx)).transpose()?;
-    let limits = LimitConfig {
-        max_connections: bounded(
-            &raw.limits.max_connections,
-            "limits.max_connections",
-            1,
-            1_000_000,
-            ctx,
-        )?,
-        max_header_bytes: bounded(
-            &raw.limits.max_header_bytes,
-            "limits.max_header_bytes",
-            8192,
-            1 << 20,
-            ctx,
-        )?,
-        max_body_bytes: match &raw.limits.max_body_bytes {
-            Some(v) => Some(bounded(v, "limits.max_body_bytes", 1, usize::MAX, ctx)? as u64),
-            None => None,
-        },
-    };
+    let limits = limits(&raw.limits, ctx)?;
     let mut affinity = affinity(raw.affinity, ctx, env_secret)?;
     // Under TLS the pin never travels in clear text, whatever the file says.
     affinity.secure |= listener.tls.is_some();
     let health = health(raw.health, ctx)?;
-    let retries = *raw.balancer.retries.get_ref();
-    if retries > 16 {
-        let span = raw.balancer.retries.span();
-        return Err(ctx.error(
-            span,
-            "balancer.retries",
-            format!("{retries} is too many: valid values are 0 to 16"),
-        ));
-    }
+    let balancer = balancer(&raw.balancer, ctx)?;
     let backends = backends(raw.backends, ctx)?;
     Ok(Config {
         file: ctx.file.to_path_buf(),
@@ -505,13 +471,60 @@ fn validate(
         limits,
         listener,
         affinity,
-        balancer: BalancerConfig {
-            algorithm: raw.balancer.algorithm,
-            retries,
-        },
+        balancer,
         health,
         timeouts: timeouts(raw.timeouts, ctx)?,
         backends,
+    })
+}
+
+fn listener(raw: raw::Listener, ctx: &Ctx) -> Result<ListenerConfig, ConfigError> {
+    Ok(ListenerConfig {
+        address: socket_addr(&raw.address, "listener.address", ctx)?,
+        forwarding: ForwardingConfig {
+            trusted_proxies: trusted_proxies(&raw.trusted_proxies, ctx)?,
+            forwarded: raw.forwarded,
+        },
+        tls: raw.tls.map(|t| tls(t, ctx)).transpose()?,
+    })
+}
+
+fn limits(raw: &raw::Limits, ctx: &Ctx) -> Result<LimitConfig, ConfigError> {
+    let max_body_bytes = match &raw.max_body_bytes {
+        Some(v) => Some(bounded(v, "limits.max_body_bytes", 1, usize::MAX, ctx)? as u64),
+        None => None,
+    };
+    Ok(LimitConfig {
+        max_connections: bounded(
+            &raw.max_connections,
+            "limits.max_connections",
+            1,
+            1_000_000,
+            ctx,
+        )?,
+        max_header_bytes: bounded(
+            &raw.max_header_bytes,
+            "limits.max_header_bytes",
+            8192,
+            1 << 20,
+            ctx,
+        )?,
+        max_body_bytes,
+    })
+}
+
+fn balancer(raw: &raw::Balancer, ctx: &Ctx) -> Result<BalancerConfig, ConfigError> {
+    let retries = *raw.retries.get_ref();
+    if retries > 16 {
+        return Err(ctx.error(
+            raw.retries.span(),
+            "balancer.retries",
+            format!("{retries} is too many: valid values are 0 to 16"),
+        ));
+    }
+    Ok(BalancerConfig {
+        algorithm: raw.algorithm,
+        retries,
     })
 }
 
@@ -860,6 +873,13 @@ weight = 3
                 18,
                 "health.rise",
                 "nonzero",
+            ),
+            (
+                "too many retries",
+                "[balancer]\nretries = 17",
+                18,
+                "balancer.retries",
+                "valid values are 0 to 16",
             ),
         ];
         for (name, extra, line, key, needle) in cases {
