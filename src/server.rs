@@ -107,14 +107,13 @@ async fn next_client(
     Some((slot, stream, peer))
 }
 
-/// HTTP/1.1 and HTTP/2 by preface (or ALPN), each with hyper's timer; the head of an HTTP/1
-/// request is bounded by the connection's own timer instead (`Quiet::check`): hyper's armed a new
-/// timer for every request, about 1,500 instructions of each (README, Performance).
+/// HTTP/1.1 and HTTP/2 by preface (or ALPN). The head of an HTTP/1 request is bounded by the
+/// connection's own timer (`Quiet::check`), so HTTP/1 needs no hyper timer: hyper's header timer
+/// armed a new timer for every request, about 1,500 instructions of each (README, Performance).
 fn http_builder(settings: &ServerSettings) -> Builder<TokioExecutor> {
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
-        .timer(TokioTimer::new())
         .header_read_timeout(None::<Duration>)
         .max_buf_size(settings.max_header_bytes);
     builder.http2().timer(TokioTimer::new());
