@@ -172,9 +172,12 @@ impl Upstream {
             match lease.tx.try_send_request(req).await {
                 Ok(resp) => return lease.settle(Ok(resp)),
                 Err(mut e) => match e.take_message() {
-                    // Not sent: the connection had closed. The next one gets the same deadline.
+                    // Not sent: the connection had closed. The next one gets the same deadline,
+                    // unless it has passed: then the request is not sent anywhere.
                     Some(unsent) => {
-                        lease.link.settle();
+                        if !lease.link.settle() || Instant::now() >= deadline {
+                            return Err(UpstreamError::Late);
+                        }
                         req = unsent;
                     }
                     None => return lease.settle(Err(e.into_error())),
