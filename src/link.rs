@@ -6,13 +6,19 @@
 //! One timer per connection does both, armed again only when it fires or the deadline moves
 //! earlier than it: a timeout made and cancelled around every exchange cost about 1,000
 //! instructions per request (README, Performance).
+//!
+//! Since the deadline is kept by the driver, an exchange must not outlive it:
+//! [`Link::unless_ended`] gives up on a request that is still in hyper's request channel when
+//! the driver has ended. (A request handed to the channel as the connection closes can be queued
+//! after the channel was emptied, and then nothing ever answers it.)
 
 use std::future::{poll_fn, Future};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
+use atomic_waker::AtomicWaker;
 use tokio::time::Instant;
 
 use crate::activity::{Activity, Busy};
@@ -55,6 +61,10 @@ pub struct Link {
     /// one atomic operation decides which came first, so a head that made it is never cut off
     /// and a late one is never relayed.
     due_ms: AtomicU64,
+    /// Set by the driver task once it has dropped the connection.
+    ended: AtomicBool,
+    /// The exchange waiting on this connection, woken when the driver ends.
+    waiting: AtomicWaker,
 }
 
 const NONE: u64 = 0;
@@ -66,7 +76,40 @@ impl Link {
             activity: Arc::new(Activity::new()),
             origin: Instant::now(),
             due_ms: AtomicU64::new(NONE),
+            ended: AtomicBool::new(false),
+            waiting: AtomicWaker::new(),
         }
+    }
+
+    /// Called by the driver task after it dropped the connection: every request hyper had taken
+    /// has been answered (if only with an error) by then.
+    pub fn end(&self) {
+        self.ended.store(true, Ordering::Release);
+        self.waiting.wake();
+    }
+
+    /// `sending`'s outcome, or None if the driver ended first: the request was then never taken
+    /// from hyper's channel, so never written, and may be sent again elsewhere.
+    pub async fn unless_ended<F: Future>(&self, sending: F) -> Option<F::Output> {
+        tokio::pin!(sending);
+        let outcome = poll_fn(|cx| {
+            if let Poll::Ready(out) = sending.as_mut().poll(cx) {
+                return Poll::Ready(Some(out));
+            }
+            self.waiting.register(cx.waker());
+            if !self.ended.load(Ordering::Acquire) {
+                return Poll::Pending;
+            }
+            // An answer given as the connection was dropped is there now.
+            Poll::Ready(match sending.as_mut().poll(cx) {
+                Poll::Ready(out) => Some(out),
+                Poll::Pending => None,
+            })
+        })
+        .await;
+        // Not kept past the exchange: a stored waker holds the client's task in memory.
+        drop(self.waiting.take());
+        outcome
     }
 
     /// An exchange starts: the connection is busy until the returned guard is dropped.
@@ -269,6 +312,39 @@ mod tests {
             "{:?}",
             at - released
         );
+    }
+
+    #[tokio::test]
+    async fn a_request_still_queued_when_the_driver_ends_is_given_up() {
+        let link = Arc::new(Link::new());
+        let exchange = tokio::spawn({
+            let link = Arc::clone(&link);
+            // hyper's answer that never comes: the request sits in a dropped connection's queue.
+            async move { link.unless_ended(std::future::pending::<()>()).await }
+        });
+        // One thread: the exchange runs (and waits) before the driver ends.
+        tokio::task::yield_now().await;
+        link.end();
+        let given_up = tokio::time::timeout(Duration::from_secs(5), exchange).await;
+        assert_eq!(
+            given_up.expect("woken when the driver ended").ok(),
+            Some(None)
+        );
+    }
+
+    #[tokio::test]
+    async fn an_answer_given_before_the_driver_ended_is_kept() {
+        let link = Arc::new(Link::new());
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let exchange = tokio::spawn({
+            let link = Arc::clone(&link);
+            async move { link.unless_ended(answered).await }
+        });
+        tokio::task::yield_now().await;
+        answer.send(200).expect("the exchange waits");
+        link.end();
+        let outcome = exchange.await.expect("the exchange runs");
+        assert_eq!(outcome, Some(Ok(200)));
     }
 
     #[tokio::test(start_paused = true)]

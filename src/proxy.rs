@@ -138,7 +138,7 @@ impl Proxy {
             let backend = &member.backend;
             ex.backend = Some(Arc::clone(backend));
             let from = moved_from(routing, &out.pin, hit);
-            let request = upstream_request(&out.parts, from, out.body.attempt());
+            let request = || upstream_request(&out.parts, from, out.body.attempt());
             let guard = backend.start_request(hit);
             let (sent, timeout) = (Instant::now(), routing.timeouts.backend_response);
             let deadline = tokio::time::Instant::from_std(sent) + timeout;
@@ -280,8 +280,8 @@ impl Outgoing {
 
     /// Whether the request may go to the next candidate after `err`.
     fn may_retry(&self, err: &UpstreamError) -> bool {
-        // A failed connect sent nothing: any request may go elsewhere if its body is unread.
-        if err.is_connect() {
+        // Nothing was sent: any request may go elsewhere if its body is unread.
+        if err.is_unsent() {
             self.body.unread()
         } else {
             self.replayable

@@ -35,12 +35,19 @@ pub enum UpstreamError {
     Exchange(#[source] hyper::Error),
     #[error("no response head by the deadline")]
     Late,
+    #[error("a new connection closed before the request was written")]
+    Unsent,
 }
 
 impl UpstreamError {
-    /// No byte of the request reached the backend.
+    /// The backend could not be reached.
     pub fn is_connect(&self) -> bool {
         matches!(self, Self::Connect(_) | Self::ConnectTimeout(_))
+    }
+
+    /// No byte of the request reached the backend, so any request may go elsewhere.
+    pub fn is_unsent(&self) -> bool {
+        self.is_connect() || matches!(self, Self::Unsent)
     }
 
     pub fn is_timeout(&self) -> bool {
@@ -155,39 +162,46 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Sends `req` (origin-form URI, `Host` set) on a pooled connection or a new one; its
-    /// response head is due by `deadline`, connecting included. A pooled connection found
-    /// closed before the request went out is passed over.
+    /// Sends the request `make` builds (origin-form URI, `Host` set) on a pooled connection or
+    /// a new one; its response head is due by `deadline`, connecting included. A pooled
+    /// connection found closed before the request went out is passed over. `make` is called
+    /// again only when a request was lost unsent in a closing connection's channel.
     pub async fn send(
         &self,
         pool: &Arc<Pool>,
         address: &Authority,
-        mut req: Request<UpstreamBody>,
+        make: impl Fn() -> Request<UpstreamBody>,
         deadline: Instant,
     ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
-        // The deadline is set and cleared around each send here, not in a helper: a nested
-        // future moved every request once more (240 instructions per request).
-        while let Some(mut lease) = pool.checkout() {
+        let mut req = make();
+        loop {
+            // The deadline is set and cleared around each send here, not in a helper: a nested
+            // future moved every request once more (240 instructions per request).
+            let (mut lease, pooled) = match pool.checkout() {
+                Some(lease) => (lease, true),
+                None => (self.connect(pool, address, deadline).await?, false),
+            };
             lease.link.expect_by(deadline);
-            match lease.tx.try_send_request(req).await {
-                Ok(resp) => return lease.settle(Ok(resp)),
-                Err(mut e) => match e.take_message() {
-                    // Not sent: the connection had closed. The next one gets the same deadline,
-                    // unless it has passed: then the request is not sent anywhere.
-                    Some(unsent) => {
-                        if !lease.link.settle() || Instant::now() >= deadline {
-                            return Err(UpstreamError::Late);
-                        }
-                        req = unsent;
-                    }
+            let sending = lease.tx.try_send_request(req);
+            let unsent = match lease.link.unless_ended(sending).await {
+                Some(Ok(resp)) => return lease.settle(Ok(resp)),
+                Some(Err(mut e)) => match e.take_message() {
+                    Some(unsent) => unsent,
                     None => return lease.settle(Err(e.into_error())),
                 },
+                None => make(),
+            };
+            // Not sent: the connection had closed. The next pooled one gets the same deadline,
+            // unless it has passed: then the request is not sent anywhere. A new connection
+            // closing at once is the backend's failure, left to the caller.
+            if !lease.link.settle() || Instant::now() >= deadline {
+                return Err(UpstreamError::Late);
             }
+            if !pooled {
+                return Err(UpstreamError::Unsent);
+            }
+            req = unsent;
         }
-        let mut lease = self.connect(pool, address, deadline).await?;
-        lease.link.expect_by(deadline);
-        let sent = lease.tx.send_request(req).await;
-        lease.settle(sent)
     }
 
     async fn connect(
@@ -226,7 +240,9 @@ impl Upstream {
                     Ending::Late => tracing::debug!("closing upstream connection: response head late"),
                 },
             }
+            // The connection is dropped by now: requests it had taken are answered.
             pool.forget(&link);
+            link.end();
         });
         Ok(lease)
     }
@@ -268,7 +284,7 @@ mod tests {
             idle_timeout: Duration::from_millis(50),
         };
         let pool = Arc::new(Pool::default());
-        let req = Request::get("/").body(UpstreamBody::default())?;
+        let req = || Request::new(UpstreamBody::default());
         let deadline = Instant::now() + Duration::from_secs(5);
         let (resp, lease) = upstream.send(&pool, &address, req, deadline).await?;
         resp.into_body().collect().await?;
