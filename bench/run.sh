@@ -3,8 +3,9 @@
 #
 # Two nginx upstreams (A, B); each proxy in front of them with a sticky cookie pinned to A, one
 # worker thread, no access log; wrk with keep-alive and that cookie. Rounds are interleaved
-# (every target once per round), and the table gives medians and the median of per-round ratios
-# against HAProxy. Compare within one run only: the machine is shared and noisy.
+# (every target once per round, the order rotated each round), and the table gives medians and
+# the median of per-round ratios against HAProxy. Compare within one run only: the machine is
+# shared and noisy.
 # It also gives each proxy's CPU time per request, user and kernel apart (from /proc/PID/stat):
 # the kernel's share (loopback TCP on both legs) is the same work for every proxy. A second table
 # gives what each proxy costs the upstream on its core: upstream A's CPU time and wake-ups per
@@ -119,8 +120,14 @@ CK[haproxy]=$(cookie_for "$P_HAPROXY" SRV) CK[nginx]=$(nginx_cookie)
 for t in "${TARGETS[@]:2}"; do CK[$t]=$(cookie_for "${PORT[$t]}" stickylb); done
 for t in "${TARGETS[@]}"; do sticky "${PORT[$t]}" "${CK[$t]}" || die "$t is not sticky with ${CK[$t]}"; done
 sleep 2   # let the health checks of every proxy settle before measuring
+N=${#TARGETS[@]}
 for ROUND in $(seq "$ROUNDS"); do
-    for t in "${TARGETS[@]}"; do bench "$t" "${PORT[$t]}" "${CK[$t]}"; done
+    # Each round starts one target later: a slot in the order is not always the same target's
+    # (the same build measured in two fixed slots differed by 6%).
+    for ((i = 0; i < N; i++)); do
+        t=${TARGETS[$(((ROUND - 1 + i) % N))]}
+        bench "$t" "${PORT[$t]}" "${CK[$t]}"
+    done
     echo "round $ROUND/$ROUNDS done" >&2
 done
 
