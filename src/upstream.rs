@@ -275,6 +275,30 @@ mod tests {
             .expect("a socket address is an authority"))
     }
 
+    #[test]
+    fn only_a_request_that_never_went_out_may_go_anywhere_and_only_a_refusal_marks_down() {
+        let refused = || std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let table = [
+            // (error, backend unreachable, nothing sent, late)
+            (UpstreamError::Connect(refused()), true, true, false),
+            (
+                UpstreamError::ConnectTimeout(Duration::ZERO),
+                true,
+                true,
+                false,
+            ),
+            (UpstreamError::Unsent, false, true, false),
+            (UpstreamError::Late, false, false, true),
+        ];
+        for (err, connect, unsent, late) in table {
+            assert_eq!(
+                (err.is_connect(), err.is_unsent(), err.is_late()),
+                (connect, unsent, late),
+                "{err}"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn a_connection_closed_for_idling_leaves_the_pool(
     ) -> Result<(), Box<dyn std::error::Error>> {
