@@ -203,12 +203,13 @@ impl Backend {
         self.pinned.total()
     }
 
-    /// Counts a request as in flight until the returned guard is dropped.
-    pub fn start_request(self: &Arc<Self>, pinned_here: bool) -> InFlight {
+    /// Counts a request as in flight until the returned guard is dropped. `pinned_at` (Unix
+    /// seconds, from the clock read the request already made) counts it as a pinned client's.
+    pub fn start_request(self: &Arc<Self>, pinned_at: Option<u64>) -> InFlight {
         self.active.fetch_add(1, Ordering::Relaxed);
         self.requests.fetch_add(1, Ordering::Relaxed);
-        if pinned_here {
-            self.pinned.record();
+        if let Some(now) = pinned_at {
+            self.pinned.record(now);
         }
         InFlight(Arc::clone(self))
     }
@@ -247,8 +248,7 @@ impl Default for PinnedWindow {
 }
 
 impl PinnedWindow {
-    fn record(&self) {
-        let now = unix_ms() / 1000;
+    fn record(&self, now: u64) {
         let i = (now % WINDOW_SECS as u64) as usize;
         if self.seconds[i].swap(now, Ordering::AcqRel) != now {
             self.counts[i].store(0, Ordering::Release);

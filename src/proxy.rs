@@ -139,7 +139,7 @@ impl Proxy {
             ex.backend = Some(Arc::clone(backend));
             let from = moved_from(routing, &out.pin, hit);
             let request = || upstream_request(&out.parts, from, out.body.attempt());
-            let guard = backend.start_request(hit);
+            let guard = backend.start_request(hit.then_some(out.now));
             let (sent, timeout) = (Instant::now(), routing.timeouts.backend_response);
             let deadline = tokio::time::Instant::from_std(sent) + timeout;
             let exchange = self
