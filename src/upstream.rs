@@ -183,13 +183,15 @@ impl Upstream {
             };
             lease.link.expect_by(deadline);
             let sending = lease.tx.try_send_request(req);
+            // Unsent: handed back by hyper, or None when it was left in the ended connection's
+            // queue (then it is built again, only if it is retried).
             let unsent = match lease.link.unless_ended(sending).await {
                 Some(Ok(resp)) => return lease.settle(Ok(resp)),
                 Some(Err(mut e)) => match e.take_message() {
-                    Some(unsent) => unsent,
+                    Some(unsent) => Some(unsent),
                     None => return lease.settle(Err(e.into_error())),
                 },
-                None => make(),
+                None => None,
             };
             // Not sent: the connection had closed. The next pooled one gets the same deadline,
             // unless it has passed: then the request is not sent anywhere. A new connection
@@ -200,7 +202,7 @@ impl Upstream {
             if !pooled {
                 return Err(UpstreamError::Unsent);
             }
-            req = unsent;
+            req = unsent.unwrap_or_else(&make);
         }
     }
 
