@@ -103,6 +103,9 @@ pub struct Hop<'a> {
     pub forwarding: &'a ForwardingConfig,
 }
 
+/// How many headers [`prepare_request`] may add.
+const FORWARDING_HEADERS: usize = 5;
+
 /// Prepares a client request for the backend: Host preserved (taken from the HTTP/2 authority if
 /// needed), hop-by-hop headers removed, and the forwarding headers (`X-Forwarded-For`, `-Proto`,
 /// `-Host`, `X-Real-IP`, and `Forwarded` when enabled) set. From an untrusted peer whatever it
@@ -125,6 +128,11 @@ pub fn prepare_request(parts: &mut Parts, hop: &Hop<'_>) {
         .forwarded
         .then(|| forwarded_element(hop, host.as_ref()));
     let h = &mut parts.headers;
+    // Room for the forwarding headers added below, made once instead of by repeated growth.
+    // A map that cannot grow (hyper reads at most 100 header lines) is left as it is.
+    if h.try_reserve(FORWARDING_HEADERS).is_err() {
+        tracing::debug!("header map at its size limit");
+    }
     let peer = hop.peer.value.clone();
     if hop.forwarding.trusts(hop.peer.ip) {
         append_to_chain(h, X_FORWARDED_FOR, &peer);
