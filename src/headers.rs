@@ -39,8 +39,12 @@ pub fn list_tokens<'a>(h: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Ite
     h.get_all(name)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
+        .flat_map(tokens)
+}
+
+/// The comma-separated tokens of one header line, trimmed.
+pub fn tokens(line: &str) -> impl Iterator<Item = &str> {
+    line.split(',').map(str::trim)
 }
 
 /// Removes hop-by-hop headers, including every header the `Connection` header names. Looks
