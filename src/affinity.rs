@@ -97,36 +97,46 @@ pub fn set_cookie(cfg: &AffinityConfig, token: &str) -> HeaderValue {
     HeaderValue::from_str(&c.to_string()).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
-/// Removes every cookie called `name` from the request's `Cookie` headers and returns their values
-/// in the order the client sent them. Other cookies are forwarded byte for byte; a header left
-/// empty is dropped.
-pub fn take(headers: &mut HeaderMap, name: &str) -> Vec<String> {
-    let mut found = Vec::new();
+/// Removes every cookie called `name` from the request's `Cookie` headers, offering their values
+/// to `honour` in the order the client sent them until it accepts one, and returns what it made of
+/// that one. Values are lent, not copied: this runs on every request. Other cookies are forwarded
+/// byte for byte; a header left empty is dropped.
+pub fn take<T>(
+    headers: &mut HeaderMap,
+    name: &str,
+    mut honour: impl FnMut(&str) -> Option<T>,
+) -> Option<T> {
+    let mut chosen = None;
+    let mut offer = |value: &str| {
+        if chosen.is_none() {
+            chosen = honour(value);
+        }
+    };
     let mut lines = headers.get_all(COOKIE).iter();
     if let (Some(line), None) = (lines.next(), lines.next()) {
         // The usual request: one Cookie line, rewritten in place.
-        match rewrite(line, name, &mut found) {
+        match rewrite(line, name, &mut offer) {
             Line::Theirs => {}
             Line::Rest(rest) => drop(headers.insert(COOKIE, rest)),
             Line::Emptied => drop(headers.remove(COOKIE)),
         }
-        return found;
+        return chosen;
     }
     if !headers.get_all(COOKIE).iter().any(|v| mentions(v, name)) {
-        return found;
+        return chosen;
     }
     let old: Vec<HeaderValue> = match headers.entry(COOKIE) {
         http::header::Entry::Occupied(e) => e.remove_entry_mult().1.collect(),
-        http::header::Entry::Vacant(_) => return found,
+        http::header::Entry::Vacant(_) => return chosen,
     };
     for value in old {
-        match rewrite(&value, name, &mut found) {
+        match rewrite(&value, name, &mut offer) {
             Line::Theirs => headers.append(COOKIE, value),
             Line::Rest(rest) => headers.append(COOKIE, rest),
             Line::Emptied => false,
         };
     }
-    found
+    chosen
 }
 
 /// One `Cookie` line after our cookies are taken out of it.
@@ -139,19 +149,19 @@ enum Line {
     Emptied,
 }
 
-fn rewrite(line: &HeaderValue, name: &str, found: &mut Vec<String>) -> Line {
+fn rewrite(line: &HeaderValue, name: &str, offer: &mut impl FnMut(&str)) -> Line {
     if !mentions(line, name) {
         return Line::Theirs;
     }
     // Validation refuses non-ASCII header values before this runs.
     let kept = line
         .to_str()
-        .map(|text| strip(text, name, found))
+        .map(|text| strip(text, name, offer))
         .unwrap_or_default();
-    match HeaderValue::from_str(&kept) {
-        Ok(rest) if !kept.is_empty() => Line::Rest(rest),
-        _ => Line::Emptied,
+    if kept.is_empty() {
+        return Line::Emptied;
     }
+    HeaderValue::from_str(&kept).map_or(Line::Emptied, Line::Rest)
 }
 
 fn mentions(value: &HeaderValue, name: &str) -> bool {
@@ -161,11 +171,11 @@ fn mentions(value: &HeaderValue, name: &str) -> bool {
 /// Splits a cookie-string into its pairs (RFC 6265 section 4.2.1: `;` separated, whitespace
 /// around them ignored), takes out ours and keeps every other pair exactly as it was sent. A scan,
 /// not a parse: only our own name is looked at, so nothing else in the header can be misread.
-fn strip(text: &str, name: &str, found: &mut Vec<String>) -> String {
+fn strip(text: &str, name: &str, offer: &mut impl FnMut(&str)) -> String {
     let mut kept = String::new();
     for pair in text.split(';').map(str::trim).filter(|p| !p.is_empty()) {
         if let Some(value) = value_if_named(pair, name) {
-            found.push(value.to_owned());
+            offer(value);
             continue;
         }
         if !kept.is_empty() {
@@ -237,34 +247,58 @@ mod tests {
         assert_eq!(unstamp("a.zz.c"), None);
     }
 
+    /// Every value `take` offers, in order, none of them accepted.
+    fn take_all(h: &mut HeaderMap, name: &str) -> Vec<String> {
+        let mut offered = Vec::new();
+        let none: Option<()> = take(h, name, |v| {
+            offered.push(v.to_owned());
+            None
+        });
+        assert!(none.is_none());
+        offered
+    }
+
+    #[test]
+    fn take_stops_offering_once_a_value_is_accepted_and_still_removes_the_rest() {
+        let mut h = headers(&["stickylb=one; x=1", "stickylb=two; stickylb=three"]);
+        let mut offered = Vec::new();
+        let chosen = take(&mut h, "stickylb", |v| {
+            offered.push(v.to_owned());
+            (v == "two").then(|| v.to_uppercase())
+        });
+        assert_eq!(chosen.as_deref(), Some("TWO"));
+        assert_eq!(offered, vec!["one", "two"]);
+        assert_eq!(cookies(&h), vec!["x=1"]);
+    }
+
     #[test]
     fn take_removes_ours_and_keeps_the_rest_verbatim() {
         let mut h = headers(&["a=1; stickylb=tok; b=\"q v\"", "c=3"]);
-        assert_eq!(take(&mut h, "stickylb"), vec!["tok"]);
+        assert_eq!(take_all(&mut h, "stickylb"), vec!["tok"]);
         assert_eq!(cookies(&h), vec!["a=1; b=\"q v\"", "c=3"]);
     }
 
     #[test]
     fn take_collects_every_copy_in_order() {
         let mut h = headers(&["stickylb=one; x=1; stickylb=two"]);
-        assert_eq!(take(&mut h, "stickylb"), vec!["one", "two"]);
+        assert_eq!(take_all(&mut h, "stickylb"), vec!["one", "two"]);
         assert_eq!(cookies(&h), vec!["x=1"]);
     }
 
     #[test]
     fn take_drops_a_header_left_empty_and_ignores_lookalikes() {
         let mut h = headers(&["stickylb=one"]);
-        assert_eq!(take(&mut h, "stickylb"), vec!["one"]);
+        assert_eq!(take_all(&mut h, "stickylb"), vec!["one"]);
         assert!(h.get(COOKIE).is_none());
         let mut h = headers(&["stickylb2=x; xstickylb=y; flag"]);
-        assert!(take(&mut h, "stickylb").is_empty());
+        assert!(take_all(&mut h, "stickylb").is_empty());
         assert_eq!(cookies(&h), vec!["stickylb2=x; xstickylb=y; flag"]);
     }
 
     #[test]
     fn take_reads_a_value_as_a_cookie_parser_would() {
         let mut h = headers(&["x=1;stickylb = a=b ;;  y", "z=\"stickylb=no\""]);
-        assert_eq!(take(&mut h, "stickylb"), vec!["a=b"]);
+        assert_eq!(take_all(&mut h, "stickylb"), vec!["a=b"]);
         assert_eq!(cookies(&h), vec!["x=1; y", "z=\"stickylb=no\""]);
         let parsed = Cookie::parse("stickylb = a=b ").expect("parses");
         assert_eq!(parsed.value(), "a=b");

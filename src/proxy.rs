@@ -224,8 +224,10 @@ impl Outgoing {
             return Err(ProxyError::BodyTooLarge);
         }
         let now = crate::backend::unix_ms() / 1000;
-        let cookie = affinity::take(&mut parts.headers, &routing.cookie_name);
-        let pin = routing.pin(&cookie, now);
+        let pin = affinity::take(&mut parts.headers, &routing.cookie_name, |value| {
+            routing.pin(value, now)
+        })
+        .unwrap_or(Pin::None);
         let upgrade = headers::upgrade_requested(&parts);
         let client_upgrade = upgrade
             .as_ref()

@@ -150,17 +150,10 @@ impl Routing {
             .collect()
     }
 
-    /// The pin named by the first affinity value this proxy issued and still honours; values it
-    /// did not issue (garbage, forged, signed with an unknown key) or that expired are ignored.
+    /// The pin an affinity value names, if this proxy issued it and still honours it; values it
+    /// did not issue (garbage, forged, signed with an unknown key) or that expired give none.
     /// `now` is unix seconds.
-    pub fn pin(&self, values: &[String], now: u64) -> Pin {
-        values
-            .iter()
-            .find_map(|v| self.read_pin(v, now))
-            .unwrap_or(Pin::None)
-    }
-
-    fn read_pin(&self, value: &str, now: u64) -> Option<Pin> {
+    pub fn pin(&self, value: &str, now: u64) -> Option<Pin> {
         let (tag, issued) = match self.affinity.max_age {
             None => (value, None),
             Some(_) => affinity::unstamp(value).map(|(t, at)| (t, Some(at)))?,
