@@ -125,7 +125,8 @@ fn check_host(parts: &Parts, seen: &Seen<'_>) -> Result<(), Rejection> {
         .ok()
         .and_then(|s| s.parse().ok())
         .ok_or(Rejection::MalformedHost)?;
-    if host.as_str().contains('@') || host.host().is_empty() {
+    // Without userinfo, the host is empty exactly when the authority starts with its port.
+    if host.as_str().contains('@') || host.as_str().starts_with(':') {
         return Err(Rejection::MalformedHost);
     }
     match parts.uri.authority() {
@@ -201,6 +202,15 @@ mod tests {
                 parts("GET", "/", v11, &[("host", b"user@shop.example")]),
                 Err(MalformedHost),
             ),
+            (
+                parts("GET", "/", v11, &[("host", b":8080")]),
+                Err(MalformedHost),
+            ),
+            (
+                parts("GET", "/", v11, &[("host", b":")]),
+                Err(MalformedHost),
+            ),
+            (parts("GET", "/", v11, &[("host", b"[::1]:8080")]), Ok(())),
             (
                 parts("GET", "http://evil.example/", v11, &[host]),
                 Err(HostMismatch),
