@@ -87,7 +87,8 @@ impl Proxy {
         proto: &'static str,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let started = Instant::now();
-        let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+        // For the log: a clone shares the target's bytes, where a copy of the path allocated.
+        let (method, uri) = (req.method().clone(), req.uri().clone());
         let routing = self.routing.load_full();
         let mut ex = Exchange {
             backend: None,
@@ -101,7 +102,7 @@ impl Proxy {
         let resp = match self.forward(&routing, req, &hop, &mut ex).await {
             Ok(resp) => resp,
             Err(e) => {
-                tracing::warn!(method = %method, path, error = %chain(&e), "request failed");
+                tracing::warn!(method = %method, path = uri.path(), error = %chain(&e), "request failed");
                 e.into_response(&routing.retry_after)
             }
         };
@@ -111,7 +112,7 @@ impl Proxy {
             .request(ex.backend.as_deref(), status, ex.affinity.as_str());
         tracing::info!(
             method = %method,
-            path,
+            path = uri.path(),
             status,
             backend,
             affinity = ex.affinity.as_str(),
