@@ -16,9 +16,14 @@ use crate::upstream::Lease;
 type Slot = Arc<Mutex<Option<Incoming>>>;
 
 /// A request body that can be handed to another backend if the first attempt never read it
-/// (a failed connect), so even a POST fails over when nothing was sent.
+/// (a failed connect), so even a POST fails over when nothing was sent. Most requests have no
+/// body: then it is one null pointer, since a request is moved several times on its way to the
+/// backend's connection (the streaming state made each move 96 bytes longer).
 #[derive(Debug, Default)]
-pub struct UpstreamBody {
+pub struct UpstreamBody(Option<Box<Streaming>>);
+
+#[derive(Debug)]
+struct Streaming {
     slot: Option<Slot>,
     taken: Option<Incoming>,
     hint: SizeHint,
@@ -56,13 +61,15 @@ impl Replayable {
 
     /// The body for one attempt. It takes the client's stream out of the slot on first read.
     pub fn attempt(&self) -> UpstreamBody {
-        UpstreamBody {
-            slot: self.slot.clone(),
-            taken: None,
-            hint: self.hint,
-            limit: self.limit,
-            sent: 0,
-        }
+        UpstreamBody(self.slot.as_ref().map(|slot| {
+            Box::new(Streaming {
+                slot: Some(Arc::clone(slot)),
+                taken: None,
+                hint: self.hint,
+                limit: self.limit,
+                sent: 0,
+            })
+        }))
     }
 
     /// True while no attempt has read from the stream, so another attempt can still send it whole.
@@ -75,13 +82,7 @@ impl Replayable {
 
 impl UpstreamBody {
     pub fn empty() -> Self {
-        Self {
-            slot: None,
-            taken: None,
-            hint: SizeHint::with_exact(0),
-            limit: None,
-            sent: 0,
-        }
+        Self(None)
     }
 }
 
@@ -91,6 +92,28 @@ impl Body for UpstreamBody {
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.0.as_deref_mut() {
+            Some(streaming) => streaming.poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.as_deref().is_none_or(Streaming::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.0
+            .as_deref()
+            .map_or_else(|| SizeHint::with_exact(0), Streaming::size_hint)
+    }
+}
+
+impl Streaming {
+    fn poll_frame(
+        &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         if self.taken.is_none() {
