@@ -20,6 +20,7 @@
 //!   graceful shutdown.
 //! - [`activity`]: idle clocks: when work last started or ended, and how much is under way.
 //! - [`link`]: an upstream connection's one timer: idling out, and a response head that is late.
+//! - [`woken`]: polling a future only when it was woken (a connection's timer and stop signal).
 //! - [`park`]: lending a socket to hyper and taking it back, so quiet connections hold no buffers.
 //! - [`tls`]: loading the certificate and key into a rustls configuration.
 //! - [`allocator`]: when a quiet worker lets the allocator give freed memory back to the OS.
@@ -54,6 +55,7 @@ pub mod tls;
 pub mod tunnel;
 pub mod upstream;
 pub mod validate;
+pub mod woken;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -25,6 +25,7 @@ use crate::framing::{self, Conflicts, Watch};
 use crate::headers::Peer;
 use crate::park::{Home, Parkable};
 use crate::proxy::Proxy;
+use crate::woken::Woken;
 
 /// Pause after a failed accept (for example out of file descriptors), so the loop neither dies
 /// nor spins while the condition lasts.
@@ -273,17 +274,20 @@ impl Conn {
             park_after: self.park_after,
             idle: self.idle,
         };
-        // One timer for both idling out and parking: every wake of the connection polls it.
+        // One timer for both idling out and parking. It and the shutdown signal are polled only
+        // when they woke, not on each wake the connection has for its requests.
         let check = tokio::time::sleep(self.park_after.min(self.idle));
         tokio::pin!(check);
+        let (mut timer, mut signal) = (Woken::new(), Woken::new());
         let park = loop {
+            let stop = std::pin::pin!(self.stop.changed());
             tokio::select! {
                 ended = conn.as_mut() => {
                     log_end(self.peer, ended);
                     return false;
                 }
-                _ = self.stop.changed() => break false,
-                () = &mut check => match quiet.check(Seen::now(activity, conflicts)) {
+                _ = signal.guard(stop) => break false,
+                () = timer.guard(check.as_mut()) => match quiet.check(Seen::now(activity, conflicts)) {
                     Verdict::Abort => {
                         tracing::debug!(peer = %self.peer, "request head timed out");
                         return false;
