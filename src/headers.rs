@@ -117,6 +117,22 @@ const FORWARDING_HEADERS: usize = 5;
 /// trusted proxy the chain is extended and its view of proto, host and client is kept.
 pub fn prepare_request(parts: &mut Parts, hop: &Hop<'_>) {
     remove_hop_by_hop(&mut parts.headers);
+    let host = request_host(parts);
+    let h = &mut parts.headers;
+    // Room for the forwarding headers added below, made once instead of by repeated growth.
+    // A map that cannot grow (hyper reads at most 100 header lines) is left as it is.
+    if h.try_reserve(FORWARDING_HEADERS).is_err() {
+        tracing::debug!("header map at its size limit");
+    }
+    if hop.forwarding.trusts(hop.peer.ip) {
+        extend_forwarding(h, hop, host);
+    } else {
+        replace_forwarding(h, hop, host);
+    }
+}
+
+/// The request's `Host`, set from the HTTP/2 authority when it came without one.
+fn request_host(parts: &mut Parts) -> Option<HeaderValue> {
     if !parts.headers.contains_key(header::HOST) {
         if let Some(v) = parts
             .uri
@@ -126,37 +142,32 @@ pub fn prepare_request(parts: &mut Parts, hop: &Hop<'_>) {
             parts.headers.insert(header::HOST, v);
         }
     }
-    let host = parts.headers.get(header::HOST).cloned();
+    parts.headers.get(header::HOST).cloned()
+}
+
+/// From a trusted proxy: its chains are extended and its view of proto, host and client kept.
+fn extend_forwarding(h: &mut HeaderMap, hop: &Hop<'_>, host: Option<HeaderValue>) {
+    append_to_chain(h, X_FORWARDED_FOR, &hop.peer.value);
+    if hop.forwarding.forwarded || h.contains_key(header::FORWARDED) {
+        append_to_chain(h, header::FORWARDED, &forwarded_element(hop, host.as_ref()));
+    }
+    keep_or_set(
+        h,
+        X_FORWARDED_PROTO,
+        Some(HeaderValue::from_static(hop.proto)),
+    );
+    keep_or_set(h, X_FORWARDED_HOST, host);
+    keep_or_set(h, X_REAL_IP, Some(hop.peer.value.clone()));
+}
+
+/// From anyone else: whatever the client wrote in the forwarding headers is replaced.
+fn replace_forwarding(h: &mut HeaderMap, hop: &Hop<'_>, host: Option<HeaderValue>) {
     let element = hop
         .forwarding
         .forwarded
         .then(|| forwarded_element(hop, host.as_ref()));
-    let h = &mut parts.headers;
-    // Room for the forwarding headers added below, made once instead of by repeated growth.
-    // A map that cannot grow (hyper reads at most 100 header lines) is left as it is.
-    if h.try_reserve(FORWARDING_HEADERS).is_err() {
-        tracing::debug!("header map at its size limit");
-    }
-    let peer = hop.peer.value.clone();
-    if hop.forwarding.trusts(hop.peer.ip) {
-        append_to_chain(h, X_FORWARDED_FOR, &peer);
-        if let Some(element) = element.or_else(|| {
-            h.contains_key(header::FORWARDED)
-                .then(|| forwarded_element(hop, host.as_ref()))
-        }) {
-            append_to_chain(h, header::FORWARDED, &element);
-        }
-        keep_or_set(
-            h,
-            X_FORWARDED_PROTO,
-            Some(HeaderValue::from_static(hop.proto)),
-        );
-        keep_or_set(h, X_FORWARDED_HOST, host);
-        keep_or_set(h, X_REAL_IP, Some(peer));
-        return;
-    }
-    h.insert(X_FORWARDED_FOR, peer.clone());
-    h.insert(X_REAL_IP, peer);
+    h.insert(X_FORWARDED_FOR, hop.peer.value.clone());
+    h.insert(X_REAL_IP, hop.peer.value.clone());
     h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(hop.proto));
     match host {
         Some(host) => h.insert(X_FORWARDED_HOST, host),
