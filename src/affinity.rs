@@ -250,11 +250,10 @@ mod tests {
     /// Every value `take` offers, in order, none of them accepted.
     fn take_all(h: &mut HeaderMap, name: &str) -> Vec<String> {
         let mut offered = Vec::new();
-        let none: Option<()> = take(h, name, |v| {
+        take::<()>(h, name, |v| {
             offered.push(v.to_owned());
             None
         });
-        assert!(none.is_none());
         offered
     }
 

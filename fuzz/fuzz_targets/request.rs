@@ -23,7 +23,7 @@ fuzz_target!(|data: &[u8]| {
     // The verdict itself is covered by the unit and adversarial tests; here it must not panic.
     std::hint::black_box(stickylb::validate::check(&parts).is_ok());
     let before = parts.headers.get_all(http::header::COOKIE).iter().count();
-    let none: Option<()> = stickylb::affinity::take(&mut parts.headers, "stickylb", |value| {
+    stickylb::affinity::take::<()>(&mut parts.headers, "stickylb", |value| {
         let valid = stickylb::affinity::stamp_is_valid(b"fuzz-secret-0123456789", value);
         // A value that verifies is well formed, and its tag is where it starts.
         if valid {
@@ -32,7 +32,6 @@ fuzz_target!(|data: &[u8]| {
         }
         None
     });
-    assert!(none.is_none(), "nothing was accepted");
     // Taking our cookie never adds Cookie lines.
     assert!(parts.headers.get_all(http::header::COOKIE).iter().count() <= before);
 });
