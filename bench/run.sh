@@ -9,7 +9,8 @@
 # It also gives each proxy's CPU time per request, user and kernel apart (from /proc/PID/stat):
 # the kernel's share (loopback TCP on both legs) is the same work for every proxy. A second table
 # gives what each proxy costs the upstream on its core: upstream A's CPU time and wake-ups per
-# request, and how often the proxy was preempted (/proc/PID/status context switches).
+# request, and how often the proxy was preempted (/proc/PID/status context switches). Last, the
+# per-round requests/s ratios (each target / HAProxy, stickylb / each COMPARE build).
 #
 #   bench/run.sh            # ROUNDS=5 DUR=10 CONNS=50 LOAD_CPU=0 PROXY_CPU=1 BASE_PORT=28080
 #   COMPARE="base=/tmp/old/stickylb" bench/run.sh   # also measure other stickylb builds (A/B)
@@ -157,4 +158,11 @@ print("|---|---|---|---|")
 for t in by:
     cpu, wakes, pre = (statistics.median(v[i] for v in by[t].values()) for i in (4, 5, 6))
     print(f"| {t} | {cpu:.1f} | {wakes:.3f} | {pre:.3f} |")
+print("\nRequests/s round by round, as ratios (a build is judged against another by these)\n")
+pairs = [(t, "haproxy") for t in by if t != "haproxy"]
+pairs += [("stickylb", t) for t in by if t not in ("haproxy", "nginx", "stickylb")]
+for a, b in pairs:
+    ratios = [by[a][r][0] / by[b][r][0] for r in sorted(by[a])]
+    listed = " ".join(f"{x:.2f}" for x in ratios)
+    print(f"- {a} / {b}: {listed} (median {statistics.median(ratios):.2f})")
 PY
