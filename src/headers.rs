@@ -19,8 +19,12 @@ pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 /// Headers that describe one connection, not the message (RFC 9110 section 7.6.1), and `Upgrade`,
 /// which is put back only for a switch this proxy relays.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
+    is_hop_by_hop_name(name.as_str())
+}
+
+fn is_hop_by_hop_name(lower_case: &str) -> bool {
     matches!(
-        name.as_str(),
+        lower_case,
         "connection"
             | "keep-alive"
             | "proxy-connection"
@@ -31,6 +35,17 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
             | "transfer-encoding"
             | "upgrade"
     )
+}
+
+/// Whether a `Connection` token names a hop-by-hop header (`keep-alive`, say), in any case.
+fn names_hop_by_hop(token: &str) -> bool {
+    let mut lower = [0u8; "proxy-authorization".len()];
+    let Some(lower) = lower.get_mut(..token.len()) else {
+        return false;
+    };
+    lower.copy_from_slice(token.as_bytes());
+    lower.make_ascii_lowercase();
+    std::str::from_utf8(lower).is_ok_and(is_hop_by_hop_name)
 }
 
 /// The comma-separated tokens of every `name` line, trimmed (`Connection`, `Transfer-Encoding`).
@@ -52,7 +67,14 @@ pub fn tokens(line: &str) -> impl Iterator<Item = &str> {
 /// and no removal, and the common `Connection: keep-alive` no allocation: only a named header
 /// that is present (and not hop-by-hop anyway) is copied out before removal.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    if !headers.keys().any(is_hop_by_hop) {
+    let mut present = headers.keys().filter(|k| is_hop_by_hop(k));
+    let Some(first) = present.next() else {
+        return;
+    };
+    // The usual backend response: `Connection: keep-alive` alone, naming nothing else to remove.
+    let only_connection = *first == header::CONNECTION && present.next().is_none();
+    if only_connection && list_tokens(headers, &header::CONNECTION).all(names_hop_by_hop) {
+        headers.remove(header::CONNECTION);
         return;
     }
     let named: Vec<HeaderName> = list_tokens(headers, &header::CONNECTION)
@@ -274,6 +296,35 @@ mod tests {
         remove_hop_by_hop(&mut p.headers);
         let left: Vec<_> = p.headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, vec!["content-length"]);
+    }
+
+    #[test]
+    fn a_lone_connection_header_naming_only_hop_by_hop_headers_is_removed_and_nothing_else() {
+        for (connection, others) in [
+            ("Keep-Alive", vec![("x-kept", "1"), ("content-length", "2")]),
+            (
+                "close, KEEP-ALIVE",
+                vec![("x-kept", "1"), ("content-length", "2")],
+            ),
+            (
+                "keep-alive",
+                vec![("x-kept", "1"), ("keep-alive", "timeout=5")],
+            ),
+        ] {
+            let mut headers = vec![("connection", connection)];
+            headers.extend(others);
+            let mut p = parts(&headers, "/");
+            remove_hop_by_hop(&mut p.headers);
+            let mut left: Vec<_> = p.headers.keys().map(|k| k.as_str()).collect();
+            let mut kept: Vec<_> = headers[1..]
+                .iter()
+                .map(|(name, _)| *name)
+                .filter(|name| *name != "keep-alive")
+                .collect();
+            left.sort();
+            kept.sort();
+            assert_eq!(left, kept, "Connection: {connection}");
+        }
     }
 
     fn hop(peer: &str, trusted: &[&str], forwarded: bool) -> (Peer, ForwardingConfig) {
