@@ -63,9 +63,10 @@ pub fn tokens(line: &str) -> impl Iterator<Item = &str> {
 }
 
 /// Removes hop-by-hop headers, including every header the `Connection` header names. Looks
-/// first at which are present (a message has few names), so the common message costs one pass
-/// and no removal, and the common `Connection: keep-alive` no allocation: only a named header
-/// that is present (and not hop-by-hop anyway) is copied out before removal.
+/// first at which are present (a message has few names), so the common request costs one pass
+/// and no removal, and the common response (`Connection: keep-alive` alone) one removal and no
+/// allocation. Otherwise only a named header that is present (and not hop-by-hop anyway) is
+/// copied out before removal.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     let mut present = headers.keys().filter(|k| is_hop_by_hop(k));
     let Some(first) = present.next() else {
@@ -78,9 +79,8 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         return;
     }
     let named: Vec<HeaderName> = list_tokens(headers, &header::CONNECTION)
-        .filter(|token| headers.contains_key(*token))
+        .filter(|token| !names_hop_by_hop(token) && headers.contains_key(*token))
         .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
-        .filter(|name| !is_hop_by_hop(name))
         .collect();
     while let Some(name) = headers.keys().find(|k| is_hop_by_hop(k)).cloned() {
         headers.remove(&name);
