@@ -18,7 +18,7 @@
 //! - [`error`]: the one mapping from failures to 502/503/504.
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2 (h2c, or TLS with ALPN), idle connections,
 //!   graceful shutdown.
-//! - [`activity`]: idle clocks: when work last started or ended, and how much is under way.
+//! - [`activity`]: idle clocks: when work last ended, and how much is under way.
 //! - [`link`]: an upstream connection's one timer: idling out, and a response head that is late.
 //! - [`woken`]: polling a future only when it was woken (a connection's timer and stop signal).
 //! - [`park`]: lending a socket to hyper and taking it back, so quiet connections hold no buffers.
