@@ -46,8 +46,29 @@ impl Woken {
 
     /// `fut`, polled first and then only after it woke. One guarded future at a time.
     pub fn guard<F: Future + Unpin>(&mut self, fut: F) -> Guarded<'_, F> {
-        self.flag.woken.store(true, Ordering::Release);
+        self.arm();
         Guarded { woken: self, fut }
+    }
+
+    /// The next [`Woken::poll`] polls its future whether or not it woke: for a new future, or
+    /// one changed since (a timer reset to another deadline must be polled to be registered).
+    pub fn arm(&mut self) {
+        self.flag.woken.store(true, Ordering::Release);
+    }
+
+    /// Polls `fut` with this waker if it woke (or was armed) since it was last polled; pending
+    /// otherwise. Either way the task behind `cx` is woken when `fut` wakes.
+    pub fn poll<F: Future + ?Sized>(
+        &mut self,
+        fut: Pin<&mut F>,
+        cx: &mut Context<'_>,
+    ) -> Poll<F::Output> {
+        // Registered before the flag is read: a wake in between is seen now or wakes the task.
+        self.flag.task.register(cx.waker());
+        if !self.flag.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        fut.poll(&mut Context::from_waker(&self.waker))
     }
 }
 
@@ -67,14 +88,8 @@ impl<F: Future + Unpin> Future for Guarded<'_, F> {
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        // Registered before the flag is read: a wake in between is seen now or wakes the task.
-        self.woken.flag.task.register(cx.waker());
-        if !self.woken.flag.woken.swap(false, Ordering::AcqRel) {
-            return Poll::Pending;
-        }
         let this = &mut *self;
-        let mut own = Context::from_waker(&this.woken.waker);
-        Pin::new(&mut this.fut).poll(&mut own)
+        this.woken.poll(Pin::new(&mut this.fut), cx)
     }
 }
 
