@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use foldhash::HashMapExt;
 use http::HeaderValue;
 
 use crate::affinity;
@@ -44,7 +45,10 @@ pub enum Pin {
 pub struct Routing {
     pub members: Vec<Member>,
     /// Backend tag under each accepted key -> (index in `members`, key index; 0 is current).
-    pins: HashMap<String, (usize, usize)>,
+    /// Looked up with every request's cookie value, so hashed with foldhash, not SipHash (about
+    /// 130 instructions per request less): clients choose only what is looked up, never what
+    /// is stored, so there is no table to flood.
+    pins: foldhash::HashMap<String, (usize, usize)>,
     /// The current secret, then the previous ones.
     keys: Vec<Vec<u8>>,
     /// Cookie attributes, for pins issued per response (with `max_age`).
@@ -83,7 +87,7 @@ impl Routing {
             .chain(&cfg.affinity.previous_secrets)
             .cloned()
             .collect();
-        let mut pins = HashMap::with_capacity(cfg.backends.len() * keys.len());
+        let mut pins = foldhash::HashMap::with_capacity(cfg.backends.len() * keys.len());
         for (i, b) in cfg.backends.iter().enumerate() {
             let kept = previous
                 .and_then(|p| p.find(&b.id))
