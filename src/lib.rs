@@ -21,6 +21,7 @@
 //! - [`activity`]: idle clocks: when work last ended, and how much is under way.
 //! - [`link`]: an upstream connection's one timer: idling out, and a response head that is late.
 //! - [`woken`]: polling a future only when it was woken (a connection's timer and stop signal).
+//! - [`coalesce`]: small vectored writes sent as one buffer (`send`, not `writev`).
 //! - [`park`]: lending a socket to hyper and taking it back, so quiet connections hold no buffers.
 //! - [`tls`]: loading the certificate and key into a rustls configuration.
 //! - [`allocator`]: when a quiet worker lets the allocator give freed memory back to the OS.
@@ -37,6 +38,7 @@ pub mod allocator;
 pub mod backend;
 pub mod balancer;
 pub mod body;
+pub mod coalesce;
 pub mod config;
 pub mod demo;
 pub mod error;

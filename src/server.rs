@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use crate::activity::{Activity, Busy};
+use crate::coalesce::Coalesce;
 use crate::framing::{self, Conflicts, Watch};
 use crate::headers::Peer;
 use crate::park::{Home, Parkable};
@@ -77,6 +78,7 @@ pub async fn serve(
         });
         let (tls, handshake) = (tls.clone(), settings.client_header_timeout);
         tokio::spawn(async move {
+            let stream = Coalesce::new(stream);
             match tls {
                 None => conn.serve(stream, "http").await,
                 // Boxed: its larger state would otherwise size every plaintext connection's task.
@@ -181,7 +183,12 @@ struct Conn {
 }
 
 impl Conn {
-    async fn serve_tls(self: Box<Self>, acceptor: TlsAcceptor, stream: TcpStream, limit: Duration) {
+    async fn serve_tls(
+        self: Box<Self>,
+        acceptor: TlsAcceptor,
+        stream: Coalesce<TcpStream>,
+        limit: Duration,
+    ) {
         match tokio::time::timeout(limit, acceptor.accept(stream)).await {
             Ok(Ok(tls)) => self.serve(tls, "https").await,
             Ok(Err(e)) => tracing::debug!(peer = %self.peer, error = %e, "TLS handshake failed"),

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 
 use crate::activity::Busy;
 use crate::body::UpstreamBody;
+use crate::coalesce::Coalesce;
 use crate::link::{Ending, Link};
 
 #[derive(Debug, thiserror::Error)]
@@ -226,7 +227,7 @@ impl Upstream {
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "set_nodelay failed");
         }
-        let (tx, conn) = http1::handshake(TokioIo::new(stream))
+        let (tx, conn) = http1::handshake(TokioIo::new(Coalesce::new(stream)))
             .await
             .map_err(UpstreamError::Exchange)?;
         let link = Arc::new(Link::new());
