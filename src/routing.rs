@@ -191,21 +191,54 @@ impl Routing {
     }
 
     /// Backends to try, best first: the pinned one if it may serve its clients, then the
-    /// policy's order among backends taking new sessions, at most `attempts` in all.
-    pub fn candidates(&self, pin: &Pin) -> Vec<usize> {
-        let mut out = Vec::with_capacity(self.attempts);
-        if let Pin::Member { index, .. } = *pin {
-            if self.members[index].backend.takes_pinned() {
-                out.push(index);
-            }
+    /// policy's order among backends taking new sessions, at most `attempts` in all. The policy
+    /// is asked only past the pinned backend, so requests their pin serves leave the round-robin
+    /// cursor alone: new sessions alone walk it.
+    pub fn candidates(&self, pin: &Pin) -> Candidates<'_> {
+        let pinned = match *pin {
+            Pin::Member { index, .. } if self.members[index].backend.takes_pinned() => Some(index),
+            _ => None,
+        };
+        Candidates {
+            routing: self,
+            pinned,
+            ranked: None,
+            next: 0,
         }
-        let eligible = |i: usize| self.members[i].backend.takes_new();
-        self.policy
-            .rank(&self.members, &eligible, &mut out, self.attempts);
-        out
     }
 
     pub fn any_takes_new(&self) -> bool {
         self.members.iter().any(|m| m.backend.takes_new())
+    }
+}
+
+/// See [`Routing::candidates`].
+pub struct Candidates<'a> {
+    routing: &'a Routing,
+    pinned: Option<usize>,
+    /// The pinned backend and the policy's order after it; None until asked past the pin.
+    ranked: Option<Vec<usize>>,
+    next: usize,
+}
+
+impl Iterator for Candidates<'_> {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        if self.next == 0 && self.pinned.is_some() {
+            self.next = 1;
+            return self.pinned;
+        }
+        let (r, pinned) = (self.routing, self.pinned);
+        let ranked = self.ranked.get_or_insert_with(|| {
+            let mut out = Vec::with_capacity(r.attempts);
+            out.extend(pinned);
+            let eligible = |i: usize| r.members[i].backend.takes_new();
+            r.policy.rank(&r.members, &eligible, &mut out, r.attempts);
+            out
+        });
+        let found = ranked.get(self.next).copied();
+        self.next += 1;
+        found
     }
 }

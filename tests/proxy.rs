@@ -62,6 +62,33 @@ async fn new_clients_spread_by_weight_with_round_robin() {
 }
 
 #[tokio::test]
+async fn pinned_requests_between_new_sessions_leave_the_round_robin_alone() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let proxy = Proxy::start(&config(&[&a, &b], QUIET_HEALTH)).await;
+    let client = Clientele::new(proxy.addr);
+    let pin = client
+        .get("/", None)
+        .await
+        .pin()
+        .expect("a new client is pinned");
+    let mut counts = HashMap::new();
+    for _ in 0..20 {
+        let fresh = client.get("/", None).await;
+        assert!(fresh.pin().is_some());
+        *counts.entry(fresh.served_by().to_string()).or_insert(0) += 1;
+        // One pinned request after each new session: if it moved the cursor, every new
+        // session would land on the same backend.
+        assert_eq!(client.get("/", Some(&jar(&pin))).await.status, 200);
+    }
+    let count = |id: &str| counts.get(id).copied().unwrap_or(0);
+    assert_eq!(
+        (count("a"), count("b")),
+        (10, 10),
+        "new sessions per backend"
+    );
+}
+
+#[tokio::test]
 async fn new_clients_spread_by_weight_with_idle_least_connections() {
     let counts = spread("least_connections").await;
     assert_eq!((counts["a"], counts["b"]), (100, 300));
