@@ -13,6 +13,7 @@
 //! after the channel was emptied, and then nothing ever answers it.)
 
 use std::future::{poll_fn, Future};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
@@ -91,8 +92,9 @@ impl Link {
 
     /// `sending`'s outcome, or None if the driver ended first: the request was then never taken
     /// from hyper's channel, so never written, and may be sent again elsewhere.
-    pub async fn unless_ended<F: Future>(&self, sending: F) -> Option<F::Output> {
-        tokio::pin!(sending);
+    /// Lent pinned, not moved in: the exchange's future is a few hundred bytes, and a moved-in
+    /// argument is copied once more on the first poll.
+    pub async fn unless_ended<F: Future>(&self, mut sending: Pin<&mut F>) -> Option<F::Output> {
         let outcome = poll_fn(|cx| {
             if let Poll::Ready(out) = sending.as_mut().poll(cx) {
                 return Poll::Ready(Some(out));
@@ -329,7 +331,10 @@ mod tests {
         let exchange = tokio::spawn({
             let link = Arc::clone(&link);
             // hyper's answer that never comes: the request sits in a dropped connection's queue.
-            async move { link.unless_ended(std::future::pending::<()>()).await }
+            async move {
+                link.unless_ended(std::pin::pin!(std::future::pending::<()>()))
+                    .await
+            }
         });
         // One thread: the exchange runs (and waits) before the driver ends.
         tokio::task::yield_now().await;
@@ -347,7 +352,7 @@ mod tests {
         let (answer, answered) = tokio::sync::oneshot::channel();
         let exchange = tokio::spawn({
             let link = Arc::clone(&link);
-            async move { link.unless_ended(answered).await }
+            async move { link.unless_ended(std::pin::pin!(answered)).await }
         });
         tokio::task::yield_now().await;
         answer.send(200).expect("the exchange waits");

@@ -184,9 +184,10 @@ impl Upstream {
             };
             lease.link.expect_by(deadline);
             let sending = lease.tx.try_send_request(req);
+            tokio::pin!(sending);
             // Unsent: handed back by hyper, or None when it was left in the ended connection's
             // queue (then it is built again, only if it is retried).
-            let unsent = match lease.link.unless_ended(sending).await {
+            let unsent = match lease.link.unless_ended(sending.as_mut()).await {
                 Some(Ok(resp)) => return lease.settle(Ok(resp)),
                 Some(Err(mut e)) => match e.take_message() {
                     Some(unsent) => Some(unsent),
