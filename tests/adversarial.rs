@@ -25,6 +25,17 @@ async fn proxy_for(backend: SocketAddr, extra: &str) -> Proxy {
     Proxy::start(&toml).await
 }
 
+/// The proxy for a capture backend, once the heartbeat it sends at start has arrived: a probe
+/// still on its way would count as a client's connection (or its bytes as a client's).
+async fn proxy_for_raw(backend: &RawBackend, extra: &str) -> Proxy {
+    let proxy = proxy_for(backend.addr, extra).await;
+    eventually(Duration::from_secs(5), "the first heartbeat", || {
+        backend.heartbeats() > 0
+    })
+    .await;
+    proxy
+}
+
 /// Sends `bytes` and reads until the proxy closes the connection (or 5 s pass).
 async fn exchange(addr: SocketAddr, bytes: &[u8]) -> (String, bool) {
     let mut s = TcpStream::connect(addr).await.unwrap();
@@ -41,7 +52,7 @@ async fn exchange(addr: SocketAddr, bytes: &[u8]) -> (String, bool) {
 #[tokio::test]
 async fn hostile_requests_get_the_right_4xx_and_not_one_byte_reaches_the_backend() {
     let backend = RawBackend::start().await;
-    let proxy = proxy_for(backend.addr, "[limits]\nmax_header_bytes = 8192\n").await;
+    let proxy = proxy_for_raw(&backend, "[limits]\nmax_header_bytes = 8192\n").await;
     let big = format!(
         "GET / HTTP/1.1\r\nHost: app.test\r\nX-Big: {}\r\n\r\n",
         "x".repeat(9000)
@@ -95,7 +106,7 @@ async fn hostile_requests_get_the_right_4xx_and_not_one_byte_reaches_the_backend
 #[tokio::test]
 async fn an_ambiguous_head_is_refused_even_behind_bodies_that_look_like_one() {
     let backend = RawBackend::start().await;
-    let proxy = proxy_for(backend.addr, "").await;
+    let proxy = proxy_for_raw(&backend, "").await;
     let fake = "GET /fake HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
     let pipelined = format!(
         "POST /a HTTP/1.1\r\nHost: app.test\r\nContent-Length: {}\r\n\r\n{fake}\
@@ -132,7 +143,7 @@ async fn an_ambiguous_head_is_refused_even_behind_bodies_that_look_like_one() {
 #[tokio::test]
 async fn the_backend_receives_exactly_the_cleaned_request() {
     let backend = RawBackend::start().await;
-    let proxy = proxy_for(backend.addr, "").await;
+    let proxy = proxy_for_raw(&backend, "").await;
     let request = b"GET /page?q=1 HTTP/1.1\r\nHost: app.test\r\nConnection: close, X-Secret\r\n\
                     X-Secret: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nProxy-Authorization: Basic eA==\r\n\
                     X-Forwarded-For: 6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\n\
@@ -169,7 +180,7 @@ async fn the_backend_receives_exactly_the_cleaned_request() {
 #[tokio::test]
 async fn a_client_abort_mid_body_aborts_the_upstream_request_and_its_connection() {
     let backend = RawBackend::start().await;
-    let proxy = proxy_for(backend.addr, "").await;
+    let proxy = proxy_for_raw(&backend, "").await;
     let mut client = TcpStream::connect(proxy.addr).await.unwrap();
     let head = b"POST /upload HTTP/1.1\r\nHost: app.test\r\nContent-Length: 100000\r\n\r\n";
     client.write_all(head).await.unwrap();
@@ -214,7 +225,7 @@ async fn a_client_abort_mid_body_aborts_the_upstream_request_and_its_connection(
 #[tokio::test]
 async fn idle_upstream_connections_are_reused_then_closed_after_backend_idle() {
     let backend = RawBackend::start().await;
-    let proxy = proxy_for(backend.addr, "[timeouts]\nbackend_idle = \"300ms\"\n").await;
+    let proxy = proxy_for_raw(&backend, "[timeouts]\nbackend_idle = \"300ms\"\n").await;
     let get = b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
     for _ in 0..2 {
         let (reply, _) = exchange(proxy.addr, get).await;
@@ -310,7 +321,7 @@ async fn answer_once_and_close(
 #[tokio::test]
 async fn slow_heads_and_idle_keep_alive_connections_are_closed_after_client_header() {
     let backend = RawBackend::start().await;
-    let proxy = proxy_for(backend.addr, "[timeouts]\nclient_header = \"300ms\"\n").await;
+    let proxy = proxy_for_raw(&backend, "[timeouts]\nclient_header = \"300ms\"\n").await;
 
     let mut slow = TcpStream::connect(proxy.addr).await.unwrap();
     slow.write_all(b"GET / HTTP/1.1\r\nHost: app.te")

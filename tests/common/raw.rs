@@ -51,6 +51,15 @@ impl RawBackend {
             .collect()
     }
 
+    /// How many heartbeat requests arrived.
+    pub fn heartbeats(&self) -> usize {
+        let all = self.conns.lock().unwrap();
+        all.iter()
+            .flat_map(|c| &c.requests)
+            .filter(|(p, _)| p == "/healthz")
+            .count()
+    }
+
     /// Every byte that reached the backend, heartbeats left out.
     pub fn received(&self) -> Vec<u8> {
         self.connections()
