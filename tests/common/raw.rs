@@ -8,6 +8,9 @@ use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// The path the proxy's heartbeats ask for (its default `health.path`).
+const HEARTBEAT: &str = "/healthz";
+
 /// One connection as the backend saw it.
 #[derive(Debug, Default, Clone)]
 pub struct Capture {
@@ -47,7 +50,7 @@ impl RawBackend {
     pub fn connections(&self) -> Vec<Capture> {
         let all = self.conns.lock().unwrap().clone();
         all.into_iter()
-            .filter(|c| !c.requests.iter().any(|(p, _)| p == "/healthz"))
+            .filter(|c| !c.requests.iter().any(|(p, _)| p == HEARTBEAT))
             .collect()
     }
 
@@ -56,7 +59,7 @@ impl RawBackend {
         let all = self.conns.lock().unwrap();
         all.iter()
             .flat_map(|c| &c.requests)
-            .filter(|(p, _)| p == "/healthz")
+            .filter(|(p, _)| p == HEARTBEAT)
             .count()
     }
 
