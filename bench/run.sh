@@ -14,6 +14,8 @@
 #
 #   bench/run.sh            # ROUNDS=5 DUR=10 CONNS=50 LOAD_CPU=0 PROXY_CPU=1 BASE_PORT=28080
 #   COMPARE="base=/tmp/old/stickylb" bench/run.sh   # also measure other stickylb builds (A/B)
+#   FORWARD=1 bench/run.sh   # HAProxy and nginx also send the forwarding headers stickylb always
+#                            # sends (X-Forwarded-For, -Proto, -Host, X-Real-IP): the same work
 #
 # Needs: apt-get install haproxy nginx wrk (and util-linux's taskset, curl).
 set -euo pipefail
@@ -30,6 +32,17 @@ need haproxy nginx wrk taskset curl
 TARGETS=(haproxy nginx)
 COMPARE=${COMPARE:-}
 declare -A PORT=([haproxy]=$P_HAPROXY [nginx]=$P_NGINX) CK=() PID=()
+
+# What HAProxy and nginx add with FORWARD=1: the client's address and scheme, as stickylb does.
+FWD_HAPROXY="" FWD_NGINX=""
+if [[ ${FORWARD:-0} == 1 ]]; then
+    FWD_HAPROXY="  option forwardfor
+  http-request set-header X-Forwarded-Proto http
+  http-request set-header X-Forwarded-Host %[req.hdr(host)]
+  http-request set-header X-Real-IP %[src]"
+    FWD_NGINX="proxy_set_header X-Forwarded-For \$remote_addr; proxy_set_header X-Forwarded-Proto \$scheme;
+        proxy_set_header X-Forwarded-Host \$http_host; proxy_set_header X-Real-IP \$remote_addr;"
+fi
 
 start() {
     upstream_run up-A "$P_A" A
@@ -51,6 +64,7 @@ backend be
   option httpchk GET /healthz
   http-reuse always
   default-server check inter 1s fall 3 rise 2
+$FWD_HAPROXY
   server A 127.0.0.1:$P_A cookie A
   server B 127.0.0.1:$P_B cookie B
 CONF
@@ -60,7 +74,7 @@ CONF
     nginx_run px-nginx "$P_NGINX" "upstream ups { hash \$cookie_SRV consistent;
         server 127.0.0.1:$P_A; server 127.0.0.1:$P_B; keepalive 64; keepalive_requests 1000000; }
       server { listen 127.0.0.1:$P_NGINX; location / { proxy_pass http://ups; proxy_http_version 1.1;
-        proxy_set_header Connection \"\"; } }"
+        proxy_set_header Connection \"\"; $FWD_NGINX } }"
     PID[nginx]=$(pgrep -P "$(<"$W/px-nginx/nginx.pid")")   # its one worker does the proxying
     stickylb_toml "$P_OURS" $'[health]\ninterval = "1s"\n' "$P_A" "$P_B" >"$W/template.toml"
     ours stickylb "$ROOT/target/release/stickylb" "$P_OURS"
