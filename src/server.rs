@@ -288,7 +288,9 @@ impl Conn {
         let (mut timer, mut signal) = (Woken::new(), Woken::new());
         let park = loop {
             let stop = std::pin::pin!(self.stop.changed());
+            // In order, the connection first: no random draw on every wake of a busy connection.
             tokio::select! {
+                biased;
                 ended = conn.as_mut() => {
                     log_end(self.peer, ended);
                     return false;

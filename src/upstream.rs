@@ -235,7 +235,10 @@ impl Upstream {
         let lease = pool.lend(tx, Arc::clone(&link));
         let (idle, pool) = (self.idle_timeout, Arc::clone(pool));
         tokio::spawn(async move {
+            // In order: the connection's progress comes first, and an unbiased select draws a
+            // random number on each of the three wakes an exchange gives this task.
             tokio::select! {
+                biased;
                 ended = conn.with_upgrades() => if let Err(e) = ended {
                     tracing::debug!(error = %e, "upstream connection ended with an error");
                 },
