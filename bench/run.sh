@@ -120,6 +120,7 @@ bench() {   # label port cookie -> a row of results.tsv (see printf)
     read -r u1 k1 < <(cpu_ticks "${PID[$1]}")
     read -r a1 b1 < <(cpu_ticks "$UP_A"); read -r x ps1 < <(switches "${PID[$1]}")
     read -r w1 x < <(switches "$UP_A")
+    printf '%s\n' "$out" >"$W/wrk-$1-$ROUND.txt"   # kept for the latency distribution
     rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
     n=$(awk '/ requests in / {print $1}' <<<"$out")
     p99=$(awk '$1 == "99%" { v = $2; if (v ~ /us$/) v = v / 1000; else if (v ~ /ms$/) v = v + 0; else if (v ~ /s$/) v = v * 1000; print v }' <<<"$out")
@@ -180,3 +181,4 @@ for a, b in pairs:
     listed = " ".join(f"{x:.2f}" for x in ratios)
     print(f"- {a} / {b}: {listed} (median {statistics.median(ratios):.2f})")
 PY
+echo "wrk output of every round: $W/wrk-*.txt" >&2
