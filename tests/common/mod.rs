@@ -129,6 +129,9 @@ async fn accept_loop(id: String, listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
+/// The path the proxy's heartbeats ask for (its default `health.path`).
+pub const HEARTBEAT: &str = "/healthz";
+
 type Reject = Box<dyn std::error::Error + Send + Sync>;
 
 async fn handle(
@@ -138,7 +141,7 @@ async fn handle(
 ) -> Result<Response<Full<Bytes>>, Reject> {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
-    if path == "/healthz" {
+    if path == HEARTBEAT {
         let status = StatusCode::from_u16(shared.health.load(Ordering::SeqCst)).unwrap();
         return Ok(Response::builder()
             .status(status)

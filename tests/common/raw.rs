@@ -8,8 +8,7 @@ use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// The path the proxy's heartbeats ask for (its default `health.path`).
-const HEARTBEAT: &str = "/healthz";
+use crate::common::HEARTBEAT;
 
 /// One connection as the backend saw it.
 #[derive(Debug, Default, Clone)]
