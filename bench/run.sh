@@ -16,6 +16,8 @@
 #   COMPARE="base=/tmp/old/stickylb" bench/run.sh   # also measure other stickylb builds (A/B)
 #   FORWARD=1 bench/run.sh   # HAProxy and nginx also send the forwarding headers stickylb always
 #                            # sends (X-Forwarded-For, -Proto, -Host, X-Real-IP): the same work
+#   CEILING=1 bench/run.sh   # also HAProxy as a plain TCP relay to upstream A ("tcp-relay"): the
+#                            # same socket work with no HTTP work, so near the most any proxy gets
 #
 # Needs: apt-get install haproxy nginx wrk (and util-linux's taskset, curl).
 set -euo pipefail
@@ -23,6 +25,7 @@ unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY ALL_PROXY all_proxy
 ROUNDS=${ROUNDS:-5} DUR=${DUR:-10} CONNS=${CONNS:-50}
 LOAD_CPU=${LOAD_CPU:-0} PROXY_CPU=${PROXY_CPU:-1} BP=${BASE_PORT:-28080}
 P_A=$((BP + 1)) P_B=$((BP + 2)) P_HAPROXY=$((BP + 10)) P_NGINX=$((BP + 11)) P_OURS=$((BP + 12))
+P_RELAY=$((BP + 9))
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 W=$(mktemp -d /tmp/stickylb-bench.XXXXXX) NAME=bench HINT="apt-get install haproxy nginx wrk"
 NGINX_CPU=$PROXY_CPU
@@ -82,6 +85,26 @@ CONF
     for spec in $COMPARE; do
         n=$((n + 1)); ours "${spec%%=*}" "${spec#*=}" $((P_OURS + n))
     done
+    if [[ ${CEILING:-0} == 1 ]]; then relay_run; fi
+}
+
+relay_run() {   # HAProxy relaying bytes to A: one receive and one send per message on each leg,
+    # like every proxy here, and no parsing, headers or cookie at all
+    cat >"$W/relay.cfg" <<CONF
+global
+  nbthread 1
+defaults
+  mode tcp
+  timeout connect 1s
+  timeout client 30s
+  timeout server 30s
+listen relay
+  bind 127.0.0.1:$P_RELAY
+  server A 127.0.0.1:$P_A
+CONF
+    taskset -c "$PROXY_CPU" haproxy -db -f "$W/relay.cfg" >"$W/relay.log" 2>&1 &
+    PIDS+=($!); PID[tcp-relay]=$!; wait_port "$P_RELAY"
+    TARGETS+=(tcp-relay); PORT[tcp-relay]=$P_RELAY CK[tcp-relay]=none=0
 }
 
 ours() {   # label binary port
@@ -133,7 +156,9 @@ cd "$ROOT" && cargo build --release -q -p stickylb
 start
 UP_A=$(pgrep -P "$(<"$W/up-A/nginx.pid")")   # upstream A's worker: every proxy pins to it
 CK[haproxy]=$(cookie_for "$P_HAPROXY" SRV) CK[nginx]=$(nginx_cookie)
-for t in "${TARGETS[@]:2}"; do CK[$t]=$(cookie_for "${PORT[$t]}" stickylb); done
+for t in "${TARGETS[@]:2}"; do
+    [[ $t == tcp-relay ]] || CK[$t]=$(cookie_for "${PORT[$t]}" stickylb)
+done
 for t in "${TARGETS[@]}"; do sticky "${PORT[$t]}" "${CK[$t]}" || die "$t is not sticky with ${CK[$t]}"; done
 sleep 2   # let the health checks of every proxy settle before measuring
 N=${#TARGETS[@]}
@@ -175,7 +200,7 @@ for t in by:
     print(f"| {t} | {cpu:.1f} | {wakes:.3f} | {pre:.3f} |")
 print("\nRequests/s round by round, as ratios (a build is judged against another by these)\n")
 pairs = [(t, "haproxy") for t in by if t != "haproxy"]
-pairs += [("stickylb", t) for t in by if t not in ("haproxy", "nginx", "stickylb")]
+pairs += [("stickylb", t) for t in by if t not in ("haproxy", "nginx", "stickylb", "tcp-relay")]
 for a, b in pairs:
     ratios = [by[a][r][0] / by[b][r][0] for r in sorted(by[a])]
     listed = " ".join(f"{x:.2f}" for x in ratios)
