@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use stickylb::allocator::{self, Quietness};
-use stickylb::config::{Algorithm, Config, SecretSource, SECRET_ENV};
+use stickylb::config::{
+    AffinityConfig, Algorithm, Config, ForwardingConfig, SecretSource, SECRET_ENV,
+};
 use stickylb::Stickylb;
 use tracing_subscriber::EnvFilter;
 
@@ -223,43 +225,16 @@ fn summary(c: &Config) -> String {
         Algorithm::RoundRobin => "round_robin",
         Algorithm::LeastConnections => "least_connections",
     };
-    let secret = match c.affinity.secret_source {
-        SecretSource::File => "from the file".to_string(),
-        SecretSource::Env => format!("from {SECRET_ENV}"),
-        SecretSource::Generated => {
-            "NOT SET: a random one per start (pins will not survive restarts)".to_string()
-        }
-    };
-    let a = &c.affinity;
-    let lifetime = a.max_age.map_or("session cookie".to_string(), |age| {
-        format!("pins expire after {}, checked by the proxy", d(age))
-    });
-    let rotation = match a.previous_secrets.len() {
-        0 => String::new(),
-        n => format!(", {n} previous secret(s) accepted and re-issued"),
-    };
     let l = &c.listener;
     let transport = l.tls.as_ref().map_or("HTTP/1.1 and h2c".to_string(), |t| {
         format!("TLS with {}, ALPN h2 and http/1.1", t.cert.display())
     });
-    let fwd = &l.forwarding;
-    let trusted = match fwd.trusted_proxies.len() {
-        0 => "replaced from every peer".to_string(),
-        _ => {
-            let nets: Vec<String> = fwd.trusted_proxies.iter().map(|n| n.to_string()).collect();
-            format!("extended from {}, replaced from others", nets.join(", "))
-        }
-    };
-    let forwarded = if fwd.forwarded { " (+ Forwarded)" } else { "" };
     let h = &c.health;
     let mut lines = vec![
         format!("{}: OK", c.file.display()),
         format!("listener  {} ({transport})", l.address),
-        format!("forwarding headers {trusted}{forwarded}"),
-        format!(
-            "cookie    {} (HttpOnly={}, Secure={}, SameSite={:?}, {lifetime}); secret {secret}{rotation}",
-            a.cookie, a.http_only, a.secure, a.same_site
-        ),
+        forwarding_line(&l.forwarding),
+        cookie_line(&c.affinity),
         format!("balancer  {algorithm}, {} retries", c.balancer.retries),
         format!(
             "health    GET {} every {} (timeout {}), up after {} passes, down after {} failures",
@@ -280,4 +255,40 @@ fn summary(c: &Config) -> String {
         ));
     }
     lines.join("\n") + "\n"
+}
+
+fn forwarding_line(fwd: &ForwardingConfig) -> String {
+    let trusted = match fwd.trusted_proxies.len() {
+        0 => "replaced from every peer".to_string(),
+        _ => {
+            let nets: Vec<String> = fwd.trusted_proxies.iter().map(|n| n.to_string()).collect();
+            format!("extended from {}, replaced from others", nets.join(", "))
+        }
+    };
+    let forwarded = if fwd.forwarded { " (+ Forwarded)" } else { "" };
+    format!("forwarding headers {trusted}{forwarded}")
+}
+
+fn cookie_line(a: &AffinityConfig) -> String {
+    let secret = match a.secret_source {
+        SecretSource::File => "from the file".to_string(),
+        SecretSource::Env => format!("from {SECRET_ENV}"),
+        SecretSource::Generated => {
+            "NOT SET: a random one per start (pins will not survive restarts)".to_string()
+        }
+    };
+    let lifetime = a.max_age.map_or("session cookie".to_string(), |age| {
+        format!(
+            "pins expire after {}, checked by the proxy",
+            humantime::format_duration(age)
+        )
+    });
+    let rotation = match a.previous_secrets.len() {
+        0 => String::new(),
+        n => format!(", {n} previous secret(s) accepted and re-issued"),
+    };
+    format!(
+        "cookie    {} (HttpOnly={}, Secure={}, SameSite={:?}, {lifetime}); secret {secret}{rotation}",
+        a.cookie, a.http_only, a.secure, a.same_site
+    )
 }
