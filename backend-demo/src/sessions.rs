@@ -274,32 +274,42 @@ impl Sessions {
                 }
                 Ok(Applied::Done(next))
             }
-            Saved::Conflict => match self.store.load(id).await? {
-                // An earlier queued write whose outcome was unknown (cancelled or timed out) did
-                // land: count it once, then apply what is left.
-                Some(l) if earlier.is_some_and(|e| e.tag == l.tag) => {
-                    let landed = earlier.map_or(Delta::default(), |e| e.delta);
-                    if self.settle(id, l.record, landed, true) {
-                        self.store.delete(id).await?;
-                    }
-                    Ok(Applied::Retry)
+            Saved::Conflict => self.on_conflict(id, earlier).await,
+        }
+    }
+
+    /// The store held another version than the cache's base: learn what it holds. `earlier` is
+    /// the queued write this one replaced in flight, if any.
+    async fn on_conflict(
+        &self,
+        id: &str,
+        earlier: Option<Inflight>,
+    ) -> Result<Applied, SessionError> {
+        match self.store.load(id).await? {
+            // An earlier queued write whose outcome was unknown (cancelled or timed out) did
+            // land: count it once, then apply what is left.
+            Some(l) if earlier.is_some_and(|e| e.tag == l.tag) => {
+                let landed = earlier.map_or(Delta::default(), |e| e.delta);
+                if self.settle(id, l.record, landed, true) {
+                    self.store.delete(id).await?;
                 }
-                Some(l) => {
-                    let expires = Instant::now() + l.ttl_left;
-                    self.lock().cache.insert(
-                        id.to_string(),
-                        Cached {
-                            base: l.record,
-                            expires,
-                        },
-                    );
-                    Ok(Applied::Retry)
-                }
-                None => {
-                    self.lock().cache.remove(id);
-                    Ok(Applied::Gone)
-                }
-            },
+                Ok(Applied::Retry)
+            }
+            Some(l) => {
+                let expires = Instant::now() + l.ttl_left;
+                self.lock().cache.insert(
+                    id.to_string(),
+                    Cached {
+                        base: l.record,
+                        expires,
+                    },
+                );
+                Ok(Applied::Retry)
+            }
+            None => {
+                self.lock().cache.remove(id);
+                Ok(Applied::Gone)
+            }
         }
     }
 
