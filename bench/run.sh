@@ -18,6 +18,8 @@
 #                            # sends (X-Forwarded-For, -Proto, -Host, X-Real-IP): the same work
 #   CEILING=1 bench/run.sh   # also HAProxy as a plain TCP relay to upstream A ("tcp-relay"): the
 #                            # same socket work with no HTTP work, so near the most any proxy gets
+#   FLOOR=1 bench/run.sh     # also examples/hyper_floor.rs ("hyper-floor"): hyper's HTTP/1 server
+#                            # and client with nothing of stickylb's between them
 #
 # Needs: apt-get install haproxy nginx wrk (and util-linux's taskset, curl).
 set -euo pipefail
@@ -25,7 +27,7 @@ unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY ALL_PROXY all_proxy
 ROUNDS=${ROUNDS:-5} DUR=${DUR:-10} CONNS=${CONNS:-50}
 LOAD_CPU=${LOAD_CPU:-0} PROXY_CPU=${PROXY_CPU:-1} BP=${BASE_PORT:-28080}
 P_A=$((BP + 1)) P_B=$((BP + 2)) P_HAPROXY=$((BP + 10)) P_NGINX=$((BP + 11)) P_OURS=$((BP + 12))
-P_RELAY=$((BP + 9))
+P_RELAY=$((BP + 9)) P_FLOOR=$((BP + 8))
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 W=$(mktemp -d /tmp/stickylb-bench.XXXXXX) NAME=bench HINT="apt-get install haproxy nginx wrk"
 NGINX_CPU=$PROXY_CPU
@@ -85,6 +87,9 @@ CONF
     for spec in $COMPARE; do
         n=$((n + 1)); ours "${spec%%=*}" "${spec#*=}" $((P_OURS + n))
     done
+    if [[ ${FLOOR:-0} == 1 ]]; then
+        ours hyper-floor "$ROOT/target/release/examples/hyper_floor" "$P_FLOOR"
+    fi
     if [[ ${CEILING:-0} == 1 ]]; then relay_run; fi
 }
 
@@ -153,6 +158,7 @@ bench() {   # label port cookie -> a row of results.tsv (see printf)
 }
 
 cd "$ROOT" && cargo build --release -q -p stickylb
+if [[ ${FLOOR:-0} == 1 ]]; then cargo build --release -q -p stickylb --example hyper_floor; fi
 start
 UP_A=$(pgrep -P "$(<"$W/up-A/nginx.pid")")   # upstream A's worker: every proxy pins to it
 CK[haproxy]=$(cookie_for "$P_HAPROXY" SRV) CK[nginx]=$(nginx_cookie)
