@@ -49,17 +49,16 @@ if [[ ${FORWARD:-0} == 1 ]]; then
         proxy_set_header X-Forwarded-Host \$http_host; proxy_set_header X-Real-IP \$remote_addr;"
 fi
 
+haproxy_head() {   # mode -> the global and defaults sections every HAProxy here shares
+    printf 'global\n  nbthread 1\ndefaults\n  mode %s\n' "$1"
+    printf '  timeout connect 1s\n  timeout client 30s\n  timeout server 30s\n'
+}
+
 start() {
     upstream_run up-A "$P_A" A
     upstream_run up-B "$P_B" B
-    cat >"$W/haproxy.cfg" <<CONF
-global
-  nbthread 1
-defaults
-  mode http
-  timeout connect 1s
-  timeout client 30s
-  timeout server 30s
+    haproxy_head http >"$W/haproxy.cfg"
+    cat >>"$W/haproxy.cfg" <<CONF
 frontend fe
   bind 127.0.0.1:$P_HAPROXY
   default_backend be
@@ -95,14 +94,8 @@ CONF
 
 relay_run() {   # HAProxy relaying bytes to A: one receive and one send per message on each leg,
     # like every proxy here, and no parsing, headers or cookie at all
-    cat >"$W/relay.cfg" <<CONF
-global
-  nbthread 1
-defaults
-  mode tcp
-  timeout connect 1s
-  timeout client 30s
-  timeout server 30s
+    haproxy_head tcp >"$W/relay.cfg"
+    cat >>"$W/relay.cfg" <<CONF
 listen relay
   bind 127.0.0.1:$P_RELAY
   server A 127.0.0.1:$P_A
