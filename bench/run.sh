@@ -109,7 +109,7 @@ ours() {   # label binary port
     sed "s/127.0.0.1:$P_OURS/127.0.0.1:$3/" "$W/template.toml" >"$W/ours-$1.toml"
     RUST_LOG=warn taskset -c "$PROXY_CPU" "$2" -c "$W/ours-$1.toml" >"$W/ours-$1.log" 2>&1 &
     PIDS+=($!); PID[$1]=$!; wait_port "$3"
-    TARGETS+=("$1"); PORT[$1]=$3
+    TARGETS+=("$1"); PORT[$1]=$3 CK[$1]=$(cookie_for "$3" stickylb)
 }
 
 cookie_for() {   # port name -> "name=value" from a response served by A
@@ -155,9 +155,6 @@ if [[ ${FLOOR:-0} == 1 ]]; then cargo build --release -q -p stickylb --example h
 start
 UP_A=$(pgrep -P "$(<"$W/up-A/nginx.pid")")   # upstream A's worker: every proxy pins to it
 CK[haproxy]=$(cookie_for "$P_HAPROXY" SRV) CK[nginx]=$(nginx_cookie)
-for t in "${TARGETS[@]:2}"; do
-    [[ $t == tcp-relay ]] || CK[$t]=$(cookie_for "${PORT[$t]}" stickylb)
-done
 for t in "${TARGETS[@]}"; do sticky "${PORT[$t]}" "${CK[$t]}" || die "$t is not sticky with ${CK[$t]}"; done
 sleep 2   # let the health checks of every proxy settle before measuring
 N=${#TARGETS[@]}
