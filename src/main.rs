@@ -220,7 +220,6 @@ async fn shutdown_signal() {
 }
 
 fn summary(c: &Config) -> String {
-    let d = |d: std::time::Duration| humantime::format_duration(d).to_string();
     let algorithm = match c.balancer.algorithm {
         Algorithm::RoundRobin => "round_robin",
         Algorithm::LeastConnections => "least_connections",
@@ -239,8 +238,8 @@ fn summary(c: &Config) -> String {
         format!(
             "health    GET {} every {} (timeout {}), up after {} passes, down after {} failures",
             h.path,
-            d(h.interval),
-            d(h.timeout),
+            humantime::format_duration(h.interval),
+            humantime::format_duration(h.timeout),
             h.rise,
             h.fall
         ),
