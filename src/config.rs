@@ -616,25 +616,8 @@ fn affinity(
             .to_string();
         return Err(ctx.error(raw.same_site.span(), "affinity.same_site", msg));
     }
-    let short = |s: &Spanned<String>| s.get_ref().len() < 16;
-    let too_short = "too short: use at least 16 characters (32 random ones are best)";
-    if let Some(s) = raw.previous_secrets.iter().find(|s| short(s)) {
-        let msg = format!("a previous secret is {too_short}");
-        return Err(ctx.error(s.span(), "affinity.previous_secrets", msg));
-    }
-    let previous_secrets = raw.previous_secrets.into_iter();
-    let previous_secrets = previous_secrets
-        .map(|s| s.into_inner().into_bytes())
-        .collect();
-    let (secret, secret_source) = match (env_secret.filter(|s| !s.is_empty()), raw.secret) {
-        (Some(env), _) => (env.into_bytes(), SecretSource::Env),
-        (None, Some(s)) if short(&s) => {
-            let msg = format!("secret is {too_short}");
-            return Err(ctx.error(s.span(), "affinity.secret", msg));
-        }
-        (None, Some(s)) => (s.into_inner().into_bytes(), SecretSource::File),
-        (None, None) => (rand::random::<[u8; 32]>().to_vec(), SecretSource::Generated),
-    };
+    let previous_secrets = previous_secrets(raw.previous_secrets, ctx)?;
+    let (secret, secret_source) = secret(raw.secret, ctx, env_secret)?;
     if raw.max_age.is_some_and(|d| d.as_secs() == 0) {
         return Err(ctx.error(
             0..0,
@@ -652,6 +635,41 @@ fn affinity(
         max_age: raw.max_age,
         previous_secrets,
     })
+}
+
+const SECRET_TOO_SHORT: &str = "too short: use at least 16 characters (32 random ones are best)";
+
+fn too_short(s: &Spanned<String>) -> bool {
+    s.get_ref().len() < 16
+}
+
+/// The signing secret: the environment's, else the file's, else a random one per start.
+fn secret(
+    raw: Option<Spanned<String>>,
+    ctx: &Ctx,
+    env_secret: Option<String>,
+) -> Result<(Vec<u8>, SecretSource), ConfigError> {
+    Ok(match (env_secret.filter(|s| !s.is_empty()), raw) {
+        (Some(env), _) => (env.into_bytes(), SecretSource::Env),
+        (None, Some(s)) if too_short(&s) => {
+            let msg = format!("secret is {SECRET_TOO_SHORT}");
+            return Err(ctx.error(s.span(), "affinity.secret", msg));
+        }
+        (None, Some(s)) => (s.into_inner().into_bytes(), SecretSource::File),
+        (None, None) => (rand::random::<[u8; 32]>().to_vec(), SecretSource::Generated),
+    })
+}
+
+/// Secrets still accepted (and re-issued under the current one) while a rotation completes.
+fn previous_secrets(raw: Vec<Spanned<String>>, ctx: &Ctx) -> Result<Vec<Vec<u8>>, ConfigError> {
+    if let Some(s) = raw.iter().find(|s| too_short(s)) {
+        let msg = format!("a previous secret is {SECRET_TOO_SHORT}");
+        return Err(ctx.error(s.span(), "affinity.previous_secrets", msg));
+    }
+    Ok(raw
+        .into_iter()
+        .map(|s| s.into_inner().into_bytes())
+        .collect())
 }
 
 /// RFC 6265 cookie-name characters (an HTTP token).
