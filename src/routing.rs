@@ -48,7 +48,7 @@ pub struct Routing {
     /// Looked up with every request's cookie value, so hashed with foldhash, not SipHash (about
     /// 130 instructions per request less): clients choose only what is looked up, never what
     /// is stored, so there is no table to flood.
-    pins: foldhash::HashMap<String, (usize, usize)>,
+    pins: Pins,
     /// The current secret, then the previous ones.
     keys: Vec<Vec<u8>>,
     /// Cookie attributes, for pins issued per response (with `max_age`).
@@ -68,6 +68,53 @@ pub struct Routing {
     pub retry_after: HeaderValue,
 }
 
+type Pins = foldhash::HashMap<String, (usize, usize)>;
+
+/// One member per configured backend, keeping `previous`'s `Backend` (its health and counters)
+/// where the id and address are unchanged, and the pins table: each backend's tag under every
+/// accepted key, the current key's first.
+fn members_and_pins(
+    cfg: &Config,
+    previous: Option<&Routing>,
+    keys: &[Vec<u8>],
+) -> (Vec<Member>, Pins) {
+    let mut members = Vec::with_capacity(cfg.backends.len());
+    let mut pins = Pins::with_capacity(cfg.backends.len() * keys.len());
+    for (i, b) in cfg.backends.iter().enumerate() {
+        let kept = previous
+            .and_then(|p| p.find(&b.id))
+            .filter(|old| old.address == b.address);
+        let backend = match kept {
+            Some(old) => {
+                old.set_thresholds(&cfg.health);
+                Arc::clone(old)
+            }
+            None => Backend::new(b, &cfg.health),
+        };
+        let tag = affinity::token(&cfg.affinity.secret, &b.id);
+        let set_cookie = affinity::set_cookie(&cfg.affinity, &tag);
+        pins.insert(tag.clone(), (i, 0));
+        for (k, key) in keys.iter().enumerate().skip(1) {
+            pins.entry(affinity::token(key, &b.id)).or_insert((i, k));
+        }
+        members.push(Member {
+            backend,
+            weight: b.weight.get(),
+            tag,
+            set_cookie,
+        });
+    }
+    (members, pins)
+}
+
+fn policy_for(algorithm: Algorithm, members: &[Member]) -> Box<dyn Policy> {
+    let weights: Vec<u32> = members.iter().map(|m| m.weight).collect();
+    match algorithm {
+        Algorithm::RoundRobin => Box::new(RoundRobin::new(&weights)),
+        Algorithm::LeastConnections => Box::new(LeastConnections::new(&weights)),
+    }
+}
+
 impl Loads for Vec<Member> {
     fn len(&self) -> usize {
         Vec::len(self)
@@ -82,41 +129,12 @@ impl Routing {
     /// Builds a snapshot, reusing `previous`'s runtime state for backends whose id and address
     /// are unchanged, so health and counters survive a reload.
     pub fn build(cfg: &Config, previous: Option<&Routing>) -> Self {
-        let mut members = Vec::with_capacity(cfg.backends.len());
         let keys: Vec<Vec<u8>> = std::iter::once(&cfg.affinity.secret)
             .chain(&cfg.affinity.previous_secrets)
             .cloned()
             .collect();
-        let mut pins = foldhash::HashMap::with_capacity(cfg.backends.len() * keys.len());
-        for (i, b) in cfg.backends.iter().enumerate() {
-            let kept = previous
-                .and_then(|p| p.find(&b.id))
-                .filter(|old| old.address == b.address);
-            let backend = match kept {
-                Some(old) => {
-                    old.set_thresholds(&cfg.health);
-                    Arc::clone(old)
-                }
-                None => Backend::new(b, &cfg.health),
-            };
-            let tag = affinity::token(&cfg.affinity.secret, &b.id);
-            let set_cookie = affinity::set_cookie(&cfg.affinity, &tag);
-            pins.insert(tag.clone(), (i, 0));
-            for (k, key) in keys.iter().enumerate().skip(1) {
-                pins.entry(affinity::token(key, &b.id)).or_insert((i, k));
-            }
-            members.push(Member {
-                backend,
-                weight: b.weight.get(),
-                tag,
-                set_cookie,
-            });
-        }
-        let weights: Vec<u32> = members.iter().map(|m| m.weight).collect();
-        let policy: Box<dyn Policy> = match cfg.balancer.algorithm {
-            Algorithm::RoundRobin => Box::new(RoundRobin::new(&weights)),
-            Algorithm::LeastConnections => Box::new(LeastConnections::new(&weights)),
-        };
+        let (members, pins) = members_and_pins(cfg, previous, &keys);
+        let policy = policy_for(cfg.balancer.algorithm, &members);
         let secs = cfg.health.interval.as_millis().div_ceil(1000).max(1);
         let retired = previous.map(|p| p.retired_after(cfg)).unwrap_or_default();
         Self {
