@@ -744,30 +744,8 @@ fn backends(raw: Vec<raw::Backend>, ctx: &Ctx) -> Result<Vec<BackendConfig>, Con
     }
     let mut out: Vec<BackendConfig> = Vec::with_capacity(raw.len());
     for (i, b) in raw.into_iter().enumerate() {
-        let id = b.id.get_ref();
         let key = |k: &str| format!("backends[{i}].{k}");
-        if id.is_empty()
-            || !id
-                .bytes()
-                .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c))
-        {
-            let msg = format!("invalid id {id:?}: use 1 to 64 letters, digits, '-', '_' or '.'");
-            return Err(ctx.error(b.id.span(), &key("id"), msg));
-        }
-        if id.len() > 64 {
-            return Err(ctx.error(
-                b.id.span(),
-                &key("id"),
-                "id is longer than 64 characters".into(),
-            ));
-        }
-        if out.iter().any(|o| o.id == *id) {
-            return Err(ctx.error(
-                b.id.span(),
-                &key("id"),
-                format!("duplicate id {id:?}: ids must be unique"),
-            ));
-        }
+        backend_id(b.id.get_ref(), &out).map_err(|m| ctx.error(b.id.span(), &key("id"), m))?;
         let weight = *b.weight.get_ref();
         if weight.get() > MAX_WEIGHT {
             let msg = format!("weight {weight} is too large: valid values are 1 to {MAX_WEIGHT}");
@@ -782,6 +760,23 @@ fn backends(raw: Vec<raw::Backend>, ctx: &Ctx) -> Result<Vec<BackendConfig>, Con
         });
     }
     Ok(out)
+}
+
+/// Ids go into logs, metrics labels and the failover header: a short, safe alphabet, and unique.
+fn backend_id(id: &str, earlier: &[BackendConfig]) -> Result<(), String> {
+    let safe = |c: u8| c.is_ascii_alphanumeric() || b"-_.".contains(&c);
+    if id.is_empty() || !id.bytes().all(safe) {
+        return Err(format!(
+            "invalid id {id:?}: use 1 to 64 letters, digits, '-', '_' or '.'"
+        ));
+    }
+    if id.len() > 64 {
+        return Err("id is longer than 64 characters".into());
+    }
+    if earlier.iter().any(|o| o.id == id) {
+        return Err(format!("duplicate id {id:?}: ids must be unique"));
+    }
+    Ok(())
 }
 
 fn backend_address(value: &Spanned<String>) -> Result<Authority, String> {
@@ -952,6 +947,14 @@ weight = 3
         assert!(e.message.contains("1 to 1000"), "{e}");
         let e = err(&GOOD.replace("id = \"b\"", "id = \"\""));
         assert_eq!(e.key, "backends[1].id");
+        let e = err(&GOOD.replace("id = \"b\"", "id = \"b/1\""));
+        assert_eq!(e.key, "backends[1].id");
+        assert!(e.message.contains("letters, digits"), "{e}");
+        let long = format!("id = \"{}\"", "b".repeat(65));
+        let e = err(&GOOD.replace("id = \"b\"", &long));
+        assert!(e.message.contains("longer than 64"), "{e}");
+        let longest = format!("id = \"{}\"", "b".repeat(64));
+        assert!(parse(&GOOD.replace("id = \"b\"", &longest)).is_ok());
     }
 
     #[test]
