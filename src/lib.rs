@@ -146,25 +146,29 @@ impl Stickylb {
             client,
             Arc::clone(&self.metrics),
         ));
-        let settings = server::ServerSettings {
-            client_header_timeout: self.config.timeouts.client_header,
-            park_after: self.config.timeouts.client_park,
+        server::serve(listener, proxy, self.server_settings(), shutdown).await;
+        watcher.abort();
+        if let Some(task) = admin {
+            task.abort();
+        }
+        self.reloader.stop_heartbeats().await;
+    }
+
+    fn server_settings(&self) -> server::ServerSettings {
+        let (timeouts, limits) = (&self.config.timeouts, &self.config.limits);
+        server::ServerSettings {
+            client_header_timeout: timeouts.client_header,
+            park_after: timeouts.client_park,
             parked: self.metrics.parked(),
-            shutdown_grace: self.config.timeouts.shutdown_grace,
-            max_connections: self.config.limits.max_connections,
-            max_header_bytes: self.config.limits.max_header_bytes,
+            shutdown_grace: timeouts.shutdown_grace,
+            max_connections: limits.max_connections,
+            max_header_bytes: limits.max_header_bytes,
             tls: self
                 .config
                 .listener
                 .tls
                 .as_ref()
                 .map(|t| Arc::clone(&t.server)),
-        };
-        server::serve(listener, proxy, settings, shutdown).await;
-        watcher.abort();
-        if let Some(task) = admin {
-            task.abort();
         }
-        self.reloader.stop_heartbeats().await;
     }
 }
