@@ -87,42 +87,49 @@ impl Default for Metrics {
         };
         m.outcomes =
             OUTCOMES.map(|outcome| m.affinity.get_or_create(&OutcomeLabels { outcome }).clone());
-        let r = &mut m.registry;
+        m.register();
+        m
+    }
+}
+
+impl Metrics {
+    /// Names and describes every family in the registry that `/metrics` renders.
+    fn register(&mut self) {
+        let r = &mut self.registry;
         r.register(
             "requests",
             "Proxied requests by backend and status class",
-            m.requests.clone(),
+            self.requests.clone(),
         );
         r.register(
             "affinity",
             "Affinity outcomes: new, hit, failover",
-            m.affinity.clone(),
+            self.affinity.clone(),
         );
-        r.register("failovers", "Broken pins by reason", m.failovers.clone());
+        r.register("failovers", "Broken pins by reason", self.failovers.clone());
         r.register(
             "backend_up",
             "1 when the backend takes traffic by health",
-            m.backend_up.clone(),
+            self.backend_up.clone(),
         );
         r.register(
             "active_requests",
             "In-flight requests per backend",
-            m.active.clone(),
+            self.active.clone(),
         );
         r.register(
             "parked_connections",
             "Idle HTTP/1 client connections parked: socket kept, no buffers held",
-            m.parked.clone(),
+            self.parked.clone(),
         );
-        let hb = m.heartbeat_latency.clone();
+        let hb = self.heartbeat_latency.clone();
         r.register("heartbeat_latency_seconds", "Heartbeat round trip", hb);
-        let up = m.upstream_latency.clone();
+        let up = self.upstream_latency.clone();
         r.register(
             "upstream_latency_seconds",
             "Time to the upstream response head",
             up,
         );
-        m
     }
 }
 
