@@ -214,20 +214,7 @@ impl Upstream {
         address: &Authority,
         deadline: Instant,
     ) -> Result<Lease, UpstreamError> {
-        // An IPv6 literal keeps its brackets in an authority; the resolver wants it bare.
-        let host = address.host().trim_start_matches('[').trim_end_matches(']');
-        let port = address.port_u16().unwrap_or(80);
-        let connecting = TcpStream::connect((host, port));
-        let limit = (Instant::now() + self.connect_timeout).min(deadline);
-        let stream = match tokio::time::timeout_at(limit, connecting).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => return Err(UpstreamError::Connect(e)),
-            Err(_elapsed) if limit == deadline => return Err(UpstreamError::Late),
-            Err(_elapsed) => return Err(UpstreamError::ConnectTimeout(self.connect_timeout)),
-        };
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(error = %e, "set_nodelay failed");
-        }
+        let stream = self.dial(address, deadline).await?;
         let (tx, conn) = http1::handshake(TokioIo::new(Coalesce::new(stream)))
             .await
             .map_err(UpstreamError::Exchange)?;
@@ -252,6 +239,30 @@ impl Upstream {
             link.end();
         });
         Ok(lease)
+    }
+
+    /// A TCP connection to `address` within the connect timeout, or by `deadline` if that comes
+    /// first (then the error says the request ran out of time, not the connect).
+    async fn dial(
+        &self,
+        address: &Authority,
+        deadline: Instant,
+    ) -> Result<TcpStream, UpstreamError> {
+        // An IPv6 literal keeps its brackets in an authority; the resolver wants it bare.
+        let host = address.host().trim_start_matches('[').trim_end_matches(']');
+        let port = address.port_u16().unwrap_or(80);
+        let connecting = TcpStream::connect((host, port));
+        let limit = (Instant::now() + self.connect_timeout).min(deadline);
+        let stream = match tokio::time::timeout_at(limit, connecting).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return Err(UpstreamError::Connect(e)),
+            Err(_elapsed) if limit == deadline => return Err(UpstreamError::Late),
+            Err(_elapsed) => return Err(UpstreamError::ConnectTimeout(self.connect_timeout)),
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "set_nodelay failed");
+        }
+        Ok(stream)
     }
 }
 
