@@ -76,13 +76,23 @@ pub async fn serve(
     if let Err(e) = writer.await {
         tracing::error!(node = %opts.id, error = %e, "write-behind task failed");
     }
-    let left = sessions.drain(opts.flush_timeout).await;
-    if left > 0 {
-        tracing::warn!(node = %opts.id, sessions = left, "shutdown: writes still queued were not stored");
-    } else {
-        tracing::info!(node = %opts.id, "shutdown: all writes stored");
-    }
+    store_queued(&sessions, &opts.id, opts.flush_timeout).await;
     served
+}
+
+/// At shutdown, the writes still queued (async replication) go to the store, within the flush
+/// timeout; the log says whether every one did.
+async fn store_queued(sessions: &Sessions, node: &str, flush_timeout: Duration) {
+    let left = sessions.drain(flush_timeout).await;
+    if left > 0 {
+        tracing::warn!(
+            node = %node,
+            sessions = left,
+            "shutdown: writes still queued were not stored"
+        );
+    } else {
+        tracing::info!(node = %node, "shutdown: all writes stored");
+    }
 }
 
 async fn sweep(sessions: Arc<Sessions>) {
