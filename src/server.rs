@@ -64,18 +64,7 @@ pub async fn serve(
     while let Some((slot, stream, peer)) =
         next_client(&slots, &mut accepts, &listener, shutdown.as_mut()).await
     {
-        // Boxed: a task's future keeps a moved-in value's slot for its whole life, so an inline
-        // `Conn` would be held twice by every connection's task, parked ones included.
-        let conn = Box::new(Conn {
-            proxy: Arc::clone(&proxy),
-            builder: Arc::clone(&builder),
-            stop: stopped.clone(),
-            peer,
-            max_head: settings.max_header_bytes,
-            idle: settings.client_header_timeout,
-            park_after: settings.park_after,
-            parked: settings.parked.clone(),
-        });
+        let conn = Conn::boxed(&proxy, &builder, &stopped, peer, &settings);
         let (tls, handshake) = (tls.clone(), settings.client_header_timeout);
         tokio::spawn(async move {
             let stream = Coalesce::new(stream);
@@ -183,6 +172,27 @@ struct Conn {
 }
 
 impl Conn {
+    /// Boxed: a task's future keeps a moved-in value's slot for its whole life, so an inline
+    /// `Conn` would be held twice by every connection's task, parked ones included.
+    fn boxed(
+        proxy: &Arc<Proxy>,
+        builder: &Arc<Builder<TokioExecutor>>,
+        stop: &watch::Receiver<()>,
+        peer: SocketAddr,
+        settings: &ServerSettings,
+    ) -> Box<Self> {
+        Box::new(Conn {
+            proxy: Arc::clone(proxy),
+            builder: Arc::clone(builder),
+            stop: stop.clone(),
+            peer,
+            max_head: settings.max_header_bytes,
+            idle: settings.client_header_timeout,
+            park_after: settings.park_after,
+            parked: settings.parked.clone(),
+        })
+    }
+
     async fn serve_tls(
         self: Box<Self>,
         acceptor: TlsAcceptor,
