@@ -9,7 +9,8 @@
 //!
 //!     cargo run --release --example hyper_floor -- -c config.toml
 
-use std::path::PathBuf;
+mod common;
+
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -19,8 +20,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use stickylb::config::Config;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -28,54 +28,12 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const COOKIE: HeaderValue = HeaderValue::from_static("stickylb=floor; Path=/");
 
 fn main() -> ExitCode {
-    let path = match std::env::args().collect::<Vec<_>>().as_slice() {
-        [_, flag, path] if flag == "-c" => PathBuf::from(path),
-        _ => {
-            eprintln!("usage: hyper_floor -c CONFIG");
-            return ExitCode::from(2);
-        }
-    };
-    let config = match Config::load(&path, None) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let Some(backend) = config.backends.first() else {
-        eprintln!("error: {}: no backend", path.display());
-        return ExitCode::from(2);
-    };
-    let upstream = backend.address.to_string();
-    let served = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .and_then(|rt| rt.block_on(serve(config.listener.address, upstream)));
-    match served {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::main("hyper_floor", relay)
 }
 
-async fn serve(listen: std::net::SocketAddr, upstream: String) -> std::io::Result<()> {
-    let listener = TcpListener::bind(listen).await?;
-    loop {
-        let (client, _) = listener.accept().await?;
-        let upstream = upstream.clone();
-        tokio::spawn(async move {
-            if let Err(e) = relay(client, &upstream).await {
-                eprintln!("connection ended: {e}");
-            }
-        });
-    }
-}
-
-async fn relay(client: TcpStream, upstream: &str) -> Result<(), Box<dyn std::error::Error>> {
+async fn relay(client: TcpStream, upstream: String) -> Result<(), Box<dyn std::error::Error>> {
     client.set_nodelay(true)?;
-    let backend = TcpStream::connect(upstream).await?;
+    let backend = TcpStream::connect(&upstream).await?;
     backend.set_nodelay(true)?;
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(backend)).await?;
     tokio::spawn(async move {
