@@ -11,18 +11,19 @@
 //!     cargo run --release --example raw_floor -- -c config.toml
 
 mod common;
+#[path = "common/raw.rs"]
+mod raw;
 
 use std::io::{Error, ErrorKind};
 use std::process::ExitCode;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const COOKIE: &[u8] = b"Set-Cookie: stickylb=floor; Path=/\r\n";
-const MAX_HEADERS: usize = 64;
 
 fn main() -> ExitCode {
     common::main("raw_floor", relay)
@@ -35,14 +36,15 @@ async fn relay(mut client: TcpStream, upstream: String) -> std::io::Result<()> {
     let (mut from_client, mut from_backend) = (Vec::with_capacity(8192), Vec::with_capacity(8192));
     let mut out = Vec::with_capacity(8192);
     loop {
-        let Some((_, len)) = read_message(&mut client, &mut from_client, request_head).await?
+        let Some((_, len)) =
+            raw::read_message(&mut client, &mut from_client, raw::request_frame).await?
         else {
             return Ok(());
         };
         backend.write_all(&from_client[..len]).await?;
         from_client.drain(..len);
         let Some((head, len)) =
-            read_message(&mut backend, &mut from_backend, response_head).await?
+            raw::read_message(&mut backend, &mut from_backend, raw::response_frame).await?
         else {
             return Err(Error::new(ErrorKind::UnexpectedEof, "backend closed"));
         };
@@ -53,72 +55,4 @@ async fn relay(mut client: TcpStream, upstream: String) -> std::io::Result<()> {
         client.write_all(&out).await?;
         from_backend.drain(..len);
     }
-}
-
-/// A head's length and its body's, once the head is whole.
-type Frame = Option<(usize, usize)>;
-
-/// Reads until `buf` holds one whole message: Some((head length, message length)), or None
-/// when the peer closed between messages.
-async fn read_message(
-    io: &mut TcpStream,
-    buf: &mut Vec<u8>,
-    frame: fn(&[u8]) -> std::io::Result<Frame>,
-) -> std::io::Result<Option<(usize, usize)>> {
-    loop {
-        if let Some((head, body)) = frame(buf)? {
-            if buf.len() >= head + body {
-                return Ok(Some((head, head + body)));
-            }
-        }
-        if io.read_buf(buf).await? == 0 {
-            return match buf.is_empty() {
-                true => Ok(None),
-                false => Err(Error::new(ErrorKind::UnexpectedEof, "closed mid-message")),
-            };
-        }
-    }
-}
-
-fn request_head(buf: &[u8]) -> std::io::Result<Frame> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    match req
-        .parse(buf)
-        .map_err(|e| Error::new(ErrorKind::InvalidData, e))?
-    {
-        httparse::Status::Complete(n) => Ok(Some((n, body_length(req.headers)?))),
-        httparse::Status::Partial => Ok(None),
-    }
-}
-
-fn response_head(buf: &[u8]) -> std::io::Result<Frame> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    match resp
-        .parse(buf)
-        .map_err(|e| Error::new(ErrorKind::InvalidData, e))?
-    {
-        httparse::Status::Complete(n) => Ok(Some((n, body_length(resp.headers)?))),
-        httparse::Status::Partial => Ok(None),
-    }
-}
-
-fn body_length(headers: &[httparse::Header]) -> std::io::Result<usize> {
-    let mut length = 0;
-    for h in headers {
-        if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                "chunked: not in this floor",
-            ));
-        }
-        if h.name.eq_ignore_ascii_case("content-length") {
-            length = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-                .ok_or_else(|| Error::new(ErrorKind::InvalidData, "bad Content-Length"))?;
-        }
-    }
-    Ok(length)
 }
