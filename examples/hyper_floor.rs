@@ -28,7 +28,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const COOKIE: HeaderValue = HeaderValue::from_static("stickylb=floor; Path=/");
 
 fn main() -> ExitCode {
-    common::main("hyper_floor", relay)
+    common::main("hyper_floor", common::first_backend, relay)
 }
 
 async fn relay(client: TcpStream, upstream: String) -> Result<(), Box<dyn std::error::Error>> {

@@ -26,7 +26,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const COOKIE: &[u8] = b"Set-Cookie: stickylb=floor; Path=/\r\n";
 
 fn main() -> ExitCode {
-    common::main("raw_floor", relay)
+    common::main("raw_floor", common::first_backend, relay)
 }
 
 async fn relay(mut client: TcpStream, upstream: String) -> std::io::Result<()> {

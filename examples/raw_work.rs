@@ -1,14 +1,16 @@
-//! raw_floor (an HTTP/1 proxy on httparse alone) plus the per-request work stickylb does, done on
-//! raw heads, for `RAW=1 bench/run.sh`: what an HTTP/1 engine of stickylb's own could reach with
-//! that work, before anyone writes one.
+//! raw_floor (an HTTP/1 proxy on httparse alone) plus the per-request work stickylb does, for
+//! `RAW=1 bench/run.sh`: what an HTTP/1 engine of stickylb's own could reach with that work,
+//! before anyone writes one. The routing is stickylb's own: its routing snapshot behind an
+//! `ArcSwap`, its pins, candidates, in-flight count and metrics; only the HTTP handling is raw.
 //!
-//! Per request it does what stickylb's request path does on the common request: checks the
-//! request line, Host and header bytes; takes its pin cookie out of the `Cookie` line and checks
-//! the value; drops hop-by-hop headers and those `Connection` names; replaces the four
-//! forwarding headers; takes a backend connection from a shared pool and puts it back; reads
-//! the clock twice and counts the request; drops the response's hop-by-hop headers and adds
-//! `Set-Cookie` when the request had no pin. It leaves out what the bench never exercises
-//! (timers, retries, health, chunked bodies, upgrades): an approximation, not a proxy to deploy.
+//! Per request: the request line, Host and header bytes checked; the pin cookie taken out of the
+//! `Cookie` line and looked up (`Routing::pin`); hop-by-hop headers and those `Connection` names
+//! dropped; the four forwarding headers replaced; the first candidate's pooled connection (one
+//! pool per backend), with the response head awaited under `timeouts.backend_response`; the
+//! request counted in flight, its latency and outcome in the metrics, a `request` log event (off
+//! at the bench's log level, as in stickylb); the response's hop-by-hop headers dropped and
+//! `Set-Cookie` added when the pin is new or renewed. It leaves out what the bench never
+//! exercises (retries, chunked bodies, upgrades, parking): not a proxy to deploy.
 //!
 //!     cargo run --release --example raw_work -- -c config.toml
 
@@ -16,22 +18,24 @@ mod common;
 #[path = "common/raw.rs"]
 mod raw;
 
+use std::io::{Error, ErrorKind};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
+use http::HeaderValue;
 use raw::invalid;
+use stickylb::backend::unix_ms;
+use stickylb::config::Config;
+use stickylb::metrics::Metrics;
+use stickylb::routing::{Member, Pin, Routing};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const SET_COOKIE: &[u8] = b"Set-Cookie: stickylb=floor; Path=/\r\n";
-const PIN: &[u8] = b"stickylb";
-/// The pin the bench's cookie carries; stickylb's are 22 characters of base64.
-const PIN_VALUE: &[u8] = b"floor";
 const HOP: [&str; 8] = [
     "connection",
     "keep-alive",
@@ -49,59 +53,136 @@ const FORWARDING: [&str; 4] = [
     "x-real-ip",
 ];
 
-static POOL: Mutex<Vec<TcpStream>> = Mutex::new(Vec::new());
-static SERVED: AtomicU64 = AtomicU64::new(0);
-static BUSY_US: AtomicU64 = AtomicU64::new(0);
-
-fn main() -> ExitCode {
-    common::main("raw_work", relay)
+/// What every connection shares: stickylb's routing and metrics, and a pool per backend.
+struct Shared {
+    routing: ArcSwap<Routing>,
+    metrics: Metrics,
+    pools: Vec<Mutex<Vec<TcpStream>>>,
 }
 
-async fn relay(mut client: TcpStream, upstream: String) -> std::io::Result<()> {
+fn shared(config: &Config) -> Option<Arc<Shared>> {
+    let routing = Routing::build(config, None);
+    let pools = routing.members.iter().map(|_| Mutex::default()).collect();
+    (!routing.members.is_empty()).then(|| {
+        Arc::new(Shared {
+            routing: ArcSwap::from_pointee(routing),
+            metrics: Metrics::default(),
+            pools,
+        })
+    })
+}
+
+fn main() -> ExitCode {
+    common::main("raw_work", shared, relay)
+}
+
+/// A connection's buffers, kept across its requests.
+#[derive(Default)]
+struct Buffers {
+    from_client: Vec<u8>,
+    from_backend: Vec<u8>,
+    out: Vec<u8>,
+}
+
+async fn relay(mut client: TcpStream, shared: Arc<Shared>) -> std::io::Result<()> {
     client.set_nodelay(true)?;
     let peer = client.peer_addr()?.ip().to_string();
-    let (mut from_client, mut from_backend) = (Vec::with_capacity(8192), Vec::with_capacity(8192));
-    let mut out = Vec::with_capacity(8192);
+    let mut b = Buffers::default();
     loop {
-        let read = raw::read_message(&mut client, &mut from_client, raw::request_frame).await?;
+        let read = raw::read_message(&mut client, &mut b.from_client, raw::request_frame).await?;
         let Some((head, len)) = read else {
             return Ok(());
         };
-        let start = Instant::now();
-        out.clear();
-        let pinned = request_out(&from_client[..head], &peer, &mut out)?;
-        out.extend_from_slice(&from_client[head..len]);
-        from_client.drain(..len);
-        let mut backend = pooled(&upstream).await?;
-        backend.write_all(&out).await?;
-        let read = raw::read_message(&mut backend, &mut from_backend, raw::response_frame).await?;
-        let (head, len) = read.ok_or_else(|| invalid("backend closed"))?;
-        POOL.lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(backend);
-        out.clear();
-        response_out(&from_backend[..head], pinned, &mut out)?;
-        out.extend_from_slice(&from_backend[head..len]);
-        from_backend.drain(..len);
-        client.write_all(&out).await?;
-        SERVED.fetch_add(1, Ordering::Relaxed);
-        let busy = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
-        BUSY_US.fetch_add(busy, Ordering::Relaxed);
+        exchange(&shared, &peer, &mut b, head, len).await?;
+        client.write_all(&b.out).await?;
     }
 }
 
-async fn pooled(upstream: &str) -> std::io::Result<TcpStream> {
-    let idle = POOL.lock().unwrap_or_else(PoisonError::into_inner).pop();
-    if let Some(backend) = idle {
-        return Ok(backend);
-    }
-    let backend = TcpStream::connect(upstream).await?;
-    backend.set_nodelay(true)?;
-    Ok(backend)
+/// Sends the request in `b.from_client` to its backend and leaves the response in `b.out`.
+async fn exchange(
+    shared: &Shared,
+    peer: &str,
+    b: &mut Buffers,
+    head: usize,
+    len: usize,
+) -> std::io::Result<()> {
+    let started = Instant::now();
+    let routing = shared.routing.load_full();
+    let now = unix_ms() / 1000;
+    b.out.clear();
+    let pin = request_out(&b.from_client[..head], &routing, now, peer, &mut b.out)?;
+    b.out.extend_from_slice(&b.from_client[head..len]);
+    b.from_client.drain(..len);
+    let idx = routing
+        .candidates(&pin)
+        .next()
+        .ok_or_else(|| invalid("no backend"))?;
+    let hit = matches!(pin, Pin::Member { index, .. } if index == idx);
+    let member = &routing.members[idx];
+    let guard = member.backend.start_request(hit.then_some(now));
+    let sent = Instant::now();
+    let deadline = tokio::time::Instant::from_std(sent) + routing.timeouts.backend_response;
+    let sending = send(&shared.pools[idx], member, &b.out, &mut b.from_backend);
+    let (head, len) = tokio::time::timeout_at(deadline, sending)
+        .await
+        .map_err(|_| Error::new(ErrorKind::TimedOut, "backend response"))??;
+    shared
+        .metrics
+        .upstream_latency(&member.backend, sent.elapsed());
+    let renew = matches!(pin, Pin::Member { renew: true, .. });
+    let set_cookie = (!hit || renew).then(|| routing.set_cookie(idx, now));
+    b.out.clear();
+    let status = response_out(&b.from_backend[..head], set_cookie.as_ref(), &mut b.out)?;
+    b.out.extend_from_slice(&b.from_backend[head..len]);
+    b.from_backend.drain(..len);
+    drop(guard);
+    let outcome = match (&pin, hit) {
+        (Pin::None, _) => "new",
+        (_, true) => "hit",
+        _ => "failover",
+    };
+    shared
+        .metrics
+        .request(Some(&member.backend), status, outcome);
+    let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    tracing::info!(status, backend = %member.backend.id, duration_us = took, "request");
+    Ok(())
 }
 
-/// Writes the head to send to the backend; true if the request carried a pin.
-fn request_out(head: &[u8], peer: &str, out: &mut Vec<u8>) -> std::io::Result<bool> {
+/// Writes `request` on a pooled connection to `member` (a new one if none is idle) and reads
+/// the response into `buf`: its head and whole length.
+async fn send(
+    pool: &Mutex<Vec<TcpStream>>,
+    member: &Member,
+    request: &[u8],
+    buf: &mut Vec<u8>,
+) -> std::io::Result<(usize, usize)> {
+    let idle = pool.lock().unwrap_or_else(PoisonError::into_inner).pop();
+    let mut backend = match idle {
+        Some(backend) => backend,
+        None => {
+            let backend = TcpStream::connect(member.backend.address.as_str()).await?;
+            backend.set_nodelay(true)?;
+            backend
+        }
+    };
+    backend.write_all(request).await?;
+    let read = raw::read_message(&mut backend, buf, raw::response_frame).await?;
+    let framed = read.ok_or_else(|| invalid("backend closed"))?;
+    pool.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(backend);
+    Ok(framed)
+}
+
+/// Writes the head to send to the backend; returns the request's pin.
+fn request_out(
+    head: &[u8],
+    routing: &Routing,
+    now: u64,
+    peer: &str,
+    out: &mut Vec<u8>,
+) -> std::io::Result<Pin> {
     let mut headers = [httparse::EMPTY_HEADER; raw::MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     req.parse(head).map_err(|_| invalid("request head"))?;
@@ -113,22 +194,31 @@ fn request_out(head: &[u8], peer: &str, out: &mut Vec<u8>) -> std::io::Result<bo
     for part in [method.as_bytes(), b" ", path.as_bytes(), b" HTTP/1.1\r\n"] {
         out.extend_from_slice(part);
     }
-    let (host, pinned) = request_headers(req.headers, out)?;
+    let mut pin = None;
+    let mut honour = |value: &str| pin = pin.take().or_else(|| routing.pin(value, now));
+    let host = request_headers(
+        req.headers,
+        routing.cookie_name.as_bytes(),
+        &mut honour,
+        out,
+    )?;
     header(out, b"X-Forwarded-For", peer.as_bytes());
     header(out, b"X-Forwarded-Proto", b"http");
     header(out, b"X-Forwarded-Host", host);
     header(out, b"X-Real-IP", peer.as_bytes());
     out.extend_from_slice(b"\r\n");
-    Ok(pinned)
+    Ok(pin.unwrap_or(Pin::None))
 }
 
-/// Copies the request's end-to-end headers, the `Cookie` line without the pin; returns the one
-/// Host and whether a pin was there.
+/// Copies the request's end-to-end headers, each `Cookie` line without the pin cookie (whose
+/// values go to `honour`); returns the one Host.
 fn request_headers<'a>(
     headers: &[httparse::Header<'a>],
+    cookie: &[u8],
+    honour: &mut impl FnMut(&str),
     out: &mut Vec<u8>,
-) -> std::io::Result<(&'a [u8], bool)> {
-    let (mut host, mut pinned) = (None, false);
+) -> std::io::Result<&'a [u8]> {
+    let mut host = None;
     for h in headers {
         if !h
             .value
@@ -137,14 +227,12 @@ fn request_headers<'a>(
         {
             return Err(invalid("header value"));
         }
-        if is_any(h.name, &HOP)
-            || is_any(h.name, &FORWARDING)
-            || named_by_connection(headers, h.name)
-        {
+        let hop = is_any(h.name, &HOP) || named_by_connection(headers, h.name);
+        if hop || is_any(h.name, &FORWARDING) {
             continue;
         }
         if h.name.eq_ignore_ascii_case("cookie") {
-            pinned |= cookie_out(h.value, out);
+            cookie_out(h.value, cookie, honour, out);
             continue;
         }
         if h.name.eq_ignore_ascii_case("host") && host.replace(h.value).is_some() {
@@ -152,7 +240,7 @@ fn request_headers<'a>(
         }
         header(out, h.name.as_bytes(), h.value);
     }
-    Ok((host.ok_or_else(|| invalid("no Host"))?, pinned))
+    host.ok_or_else(|| invalid("no Host"))
 }
 
 fn is_any(name: &str, set: &[&str]) -> bool {
@@ -174,16 +262,18 @@ fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     }
 }
 
-/// Writes the `Cookie` line without the pin (no line if nothing is left); true if the pin was
-/// there and well formed.
-fn cookie_out(line: &[u8], out: &mut Vec<u8>) -> bool {
-    let (at, mut pinned, mut kept) = (out.len(), false, 0);
+/// Writes the `Cookie` line without the cookies called `name` (no line if nothing is left),
+/// offering their values to `honour`.
+fn cookie_out(line: &[u8], name: &[u8], honour: &mut impl FnMut(&str), out: &mut Vec<u8>) {
+    let (at, mut kept) = (out.len(), 0);
     out.extend_from_slice(b"Cookie: ");
     for pair in line.split(|b| *b == b';').map(<[u8]>::trim_ascii) {
         let mut halves = pair.splitn(2, |b| *b == b'=');
-        if halves.next().map(<[u8]>::trim_ascii_end) == Some(PIN) {
+        if halves.next().map(<[u8]>::trim_ascii_end) == Some(name) {
             let value = halves.next().unwrap_or_default().trim_ascii_start();
-            pinned |= value == PIN_VALUE || value.len() == 22;
+            if let Ok(value) = std::str::from_utf8(value) {
+                honour(value);
+            }
             continue;
         }
         if kept > 0 {
@@ -196,23 +286,21 @@ fn cookie_out(line: &[u8], out: &mut Vec<u8>) -> bool {
         0 => out.truncate(at),
         _ => out.extend_from_slice(b"\r\n"),
     }
-    pinned
 }
 
-/// Writes the head to send to the client.
-fn response_out(head: &[u8], pinned: bool, out: &mut Vec<u8>) -> std::io::Result<()> {
+/// Writes the head to send to the client; returns its status.
+fn response_out(
+    head: &[u8],
+    set_cookie: Option<&HeaderValue>,
+    out: &mut Vec<u8>,
+) -> std::io::Result<u16> {
     let mut headers = [httparse::EMPTY_HEADER; raw::MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
     resp.parse(head).map_err(|_| invalid("response head"))?;
     let code = resp.code.ok_or_else(|| invalid("status"))?;
     let digits = [100, 10, 1].map(|unit| b'0' + u8::try_from(code / unit % 10).unwrap_or(0));
-    for part in [
-        b"HTTP/1.1 ".as_slice(),
-        &digits,
-        b" ",
-        resp.reason.unwrap_or("").as_bytes(),
-        b"\r\n",
-    ] {
+    let reason = resp.reason.unwrap_or("").as_bytes();
+    for part in [b"HTTP/1.1 ".as_slice(), &digits, b" ", reason, b"\r\n"] {
         out.extend_from_slice(part);
     }
     for h in resp.headers.iter() {
@@ -220,9 +308,9 @@ fn response_out(head: &[u8], pinned: bool, out: &mut Vec<u8>) -> std::io::Result
             header(out, h.name.as_bytes(), h.value);
         }
     }
-    if !pinned {
-        out.extend_from_slice(SET_COOKIE);
+    if let Some(value) = set_cookie {
+        header(out, b"Set-Cookie", value.as_bytes());
     }
     out.extend_from_slice(b"\r\n");
-    Ok(())
+    Ok(code)
 }

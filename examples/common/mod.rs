@@ -1,4 +1,4 @@
-//! What the floor examples share: the command line, the config, and one task per client
+//! What the measuring examples share: the command line, the config, and one task per client
 //! connection on one thread, so they differ only in how a connection is relayed.
 
 use std::fmt::Display;
@@ -9,10 +9,18 @@ use std::process::ExitCode;
 use stickylb::config::Config;
 use tokio::net::{TcpListener, TcpStream};
 
-/// Runs `relay` for each client connection, with the address of the config's first backend.
-pub fn main<F, Fut, E>(name: &str, relay: F) -> ExitCode
+/// The address of the config's first backend: the one upstream of the floors.
+#[allow(dead_code, reason = "raw_work routes to every backend instead")]
+pub fn first_backend(config: &Config) -> Option<String> {
+    config.backends.first().map(|b| b.address.to_string())
+}
+
+/// Runs `relay` for each client connection, with what `state` made of the config (None: the
+/// config has no backend).
+pub fn main<S, F, Fut, E>(name: &str, state: fn(&Config) -> Option<S>, relay: F) -> ExitCode
 where
-    F: Fn(TcpStream, String) -> Fut,
+    S: Clone,
+    F: Fn(TcpStream, S) -> Fut,
     Fut: Future<Output = Result<(), E>> + Send + 'static,
     E: Display,
 {
@@ -30,15 +38,14 @@ where
             return ExitCode::from(2);
         }
     };
-    let Some(backend) = config.backends.first() else {
+    let Some(state) = state(&config) else {
         eprintln!("error: {}: no backend", path.display());
         return ExitCode::from(2);
     };
-    let upstream = backend.address.to_string();
     let served = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .and_then(|rt| rt.block_on(serve(config.listener.address, upstream, relay)));
+        .and_then(|rt| rt.block_on(serve(config.listener.address, state, relay)));
     match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -48,20 +55,21 @@ where
     }
 }
 
-async fn serve<F, Fut, E>(
+async fn serve<S, F, Fut, E>(
     listen: std::net::SocketAddr,
-    upstream: String,
+    state: S,
     relay: F,
 ) -> std::io::Result<()>
 where
-    F: Fn(TcpStream, String) -> Fut,
+    S: Clone,
+    F: Fn(TcpStream, S) -> Fut,
     Fut: Future<Output = Result<(), E>> + Send + 'static,
     E: Display,
 {
     let listener = TcpListener::bind(listen).await?;
     loop {
         let (client, _) = listener.accept().await?;
-        let relayed = relay(client, upstream.clone());
+        let relayed = relay(client, state.clone());
         tokio::spawn(async move {
             if let Err(e) = relayed.await {
                 eprintln!("connection ended: {e}");
