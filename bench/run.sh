@@ -23,7 +23,7 @@
 #   RAW=1 bench/run.sh       # also examples/raw_floor.rs ("raw-floor"): httparse for the heads
 #                            # and bytes copied, the least any HTTP/1 engine of our own could do;
 #                            # and examples/raw_work.rs ("raw-work"): that plus stickylb's
-#                            # per-request work on raw heads (checks, pin, headers, pool)
+#                            # per-request work, with its routing and metrics
 #
 # Needs: apt-get install haproxy nginx wrk (and util-linux's taskset, curl).
 set -euo pipefail
