@@ -120,15 +120,7 @@ async fn exchange(
     let hit = matches!(pin, Pin::Member { index, .. } if index == idx);
     let member = &routing.members[idx];
     let guard = member.backend.start_request(hit.then_some(now));
-    let sent = Instant::now();
-    let deadline = tokio::time::Instant::from_std(sent) + routing.timeouts.backend_response;
-    let sending = send(&shared.pools[idx], member, &b.out, &mut b.from_backend);
-    let (head, len) = tokio::time::timeout_at(deadline, sending)
-        .await
-        .map_err(|_| Error::new(ErrorKind::TimedOut, "backend response"))??;
-    shared
-        .metrics
-        .upstream_latency(&member.backend, sent.elapsed());
+    let (head, len) = timed_send(shared, &routing, idx, b).await?;
     let renew = matches!(pin, Pin::Member { renew: true, .. });
     let set_cookie = (!hit || renew).then(|| routing.set_cookie(idx, now));
     b.out.clear();
@@ -136,17 +128,43 @@ async fn exchange(
     b.out.extend_from_slice(&b.from_backend[head..len]);
     b.from_backend.drain(..len);
     drop(guard);
-    let outcome = match (&pin, hit) {
-        (Pin::None, _) => "new",
-        (_, true) => "hit",
-        _ => "failover",
-    };
+    let outcome = outcome(&pin, hit);
     shared
         .metrics
         .request(Some(&member.backend), status, outcome);
     let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
     tracing::info!(status, backend = %member.backend.id, duration_us = took, "request");
     Ok(())
+}
+
+/// How the request's pin was honoured, as stickylb's metrics name it.
+fn outcome(pin: &Pin, hit: bool) -> &'static str {
+    match (pin, hit) {
+        (Pin::None, _) => "new",
+        (_, true) => "hit",
+        _ => "failover",
+    }
+}
+
+/// Sends `b.out` to `members[idx]` and reads its response into `b.from_backend` within
+/// `timeouts.backend_response`, recording the latency.
+async fn timed_send(
+    shared: &Shared,
+    routing: &Routing,
+    idx: usize,
+    b: &mut Buffers,
+) -> std::io::Result<(usize, usize)> {
+    let member = &routing.members[idx];
+    let sent = Instant::now();
+    let deadline = tokio::time::Instant::from_std(sent) + routing.timeouts.backend_response;
+    let sending = send(&shared.pools[idx], member, &b.out, &mut b.from_backend);
+    let framed = tokio::time::timeout_at(deadline, sending)
+        .await
+        .map_err(|_| Error::new(ErrorKind::TimedOut, "backend response"))??;
+    shared
+        .metrics
+        .upstream_latency(&member.backend, sent.elapsed());
+    Ok(framed)
 }
 
 /// Writes `request` on a pooled connection to `member` (a new one if none is idle) and reads
