@@ -4,8 +4,9 @@
 //!
 //! Each client connection gets one connection to the first backend of the config. A request's
 //! head and body go there byte for byte; the response comes back with one `Set-Cookie` line put
-//! before its blank line (the bench checks for a `stickylb` cookie). Bodies are framed by
-//! Content-Length only: a chunked message ends the connection. No validation, pin, health,
+//! before its blank line (the bench checks for a `stickylb` cookie; the head must end in CRLF
+//! CRLF, as nginx writes it). Bodies are framed by Content-Length only: a chunked message ends
+//! the connection. No validation, pin, health,
 //! pool, timers, forwarding headers or hop-by-hop removal: not a proxy to deploy. One thread.
 //!
 //!     cargo run --release --example raw_floor -- -c config.toml
