@@ -28,6 +28,7 @@ use http::HeaderValue;
 use raw::invalid;
 use stickylb::backend::unix_ms;
 use stickylb::config::Config;
+use stickylb::headers::names_hop_by_hop;
 use stickylb::metrics::Metrics;
 use stickylb::routing::{Member, Pin, Routing};
 use tokio::io::AsyncWriteExt;
@@ -36,16 +37,6 @@ use tokio::net::TcpStream;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-connection",
-    "proxy-authorization",
-];
 const FORWARDING: [&str; 4] = [
     "x-forwarded-for",
     "x-forwarded-proto",
@@ -245,7 +236,7 @@ fn request_headers<'a>(
         {
             return Err(invalid("header value"));
         }
-        let hop = is_any(h.name, &HOP) || named_by_connection(headers, h.name);
+        let hop = names_hop_by_hop(h.name) || named_by_connection(headers, h.name);
         if hop || is_any(h.name, &FORWARDING) {
             continue;
         }
@@ -322,7 +313,7 @@ fn response_out(
         out.extend_from_slice(part);
     }
     for h in resp.headers.iter() {
-        if !is_any(h.name, &HOP) && !named_by_connection(resp.headers, h.name) {
+        if !names_hop_by_hop(h.name) && !named_by_connection(resp.headers, h.name) {
             header(out, h.name.as_bytes(), h.value);
         }
     }

@@ -320,7 +320,9 @@ fn parse_head(buf: &[u8]) -> Result<Option<Element>, ()> {
     }))
 }
 
-fn content_length(value: &[u8]) -> Option<u64> {
+/// A `Content-Length` value: digits only (no sign, no list), surrounding whitespace ignored.
+/// Public so code reading raw heads (the bench's `examples/common/raw.rs`) frames the same way.
+pub fn content_length(value: &[u8]) -> Option<u64> {
     let text = std::str::from_utf8(value).ok()?.trim();
     if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
         return None;

@@ -37,8 +37,9 @@ fn is_hop_by_hop_name(lower_case: &str) -> bool {
     )
 }
 
-/// Whether a `Connection` token names a hop-by-hop header (`keep-alive`, say), in any case.
-fn names_hop_by_hop(token: &str) -> bool {
+/// Whether a header name or `Connection` token, in any case, is hop-by-hop (`keep-alive`, say).
+/// Public so code reading raw heads (the bench's `examples/raw_work.rs`) uses the same list.
+pub fn names_hop_by_hop(token: &str) -> bool {
     let mut lower = [0u8; "proxy-authorization".len()];
     let Some(lower) = lower.get_mut(..token.len()) else {
         return false;

@@ -67,9 +67,8 @@ fn body_length(headers: &[httparse::Header]) -> std::io::Result<usize> {
             ));
         }
         if h.name.eq_ignore_ascii_case("content-length") {
-            let n = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse().ok());
+            let n =
+                stickylb::framing::content_length(h.value).and_then(|n| usize::try_from(n).ok());
             if n.is_none() || (length.is_some() && length != n) {
                 return Err(invalid("Content-Length"));
             }
