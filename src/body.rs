@@ -55,6 +55,15 @@ impl Replayable {
         Self { slot, hint, limit }
     }
 
+    /// A request that has no body.
+    pub fn empty() -> Self {
+        Self {
+            slot: None,
+            hint: SizeHint::with_exact(0),
+            limit: None,
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.slot.is_none()
     }

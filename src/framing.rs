@@ -96,6 +96,17 @@ pub fn watch<I>(io: I, max_head: usize) -> (Watch<I>, Arc<Conflicts>) {
     (Watch { io, scanner }, conflicts)
 }
 
+impl<I> Watch<I> {
+    /// Follows bytes read from the stream before it was watched.
+    pub fn saw(&mut self, bytes: &[u8]) {
+        self.scanner.feed(bytes);
+    }
+
+    pub fn into_inner(self) -> I {
+        self.io
+    }
+}
+
 impl<I: AsyncRead + Unpin> AsyncRead for Watch<I> {
     fn poll_read(
         mut self: Pin<&mut Self>,

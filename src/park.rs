@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Where a parked socket goes when hyper lets go of it.
@@ -56,16 +57,16 @@ impl<I> Home<I> {
 pub struct Parkable<I> {
     /// Always `Some` until dropped.
     io: Option<I>,
-    /// Read from `io` while waiting for activity; hyper gets it before anything else.
-    first: Option<u8>,
+    /// Read from `io` before hyper took over; hyper gets it before anything else.
+    first: Bytes,
     home: Arc<Home<I>>,
 }
 
 impl<I> Parkable<I> {
-    pub fn new(io: I, first: u8, home: &Arc<Home<I>>) -> Self {
+    pub fn new(io: I, first: Bytes, home: &Arc<Home<I>>) -> Self {
         Self {
             io: Some(io),
-            first: Some(first),
+            first,
             home: Arc::clone(home),
         }
     }
@@ -95,11 +96,10 @@ impl<I: AsyncRead + Unpin> AsyncRead for Parkable<I> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if buf.remaining() > 0 {
-            if let Some(byte) = self.first.take() {
-                buf.put_slice(&[byte]);
-                return Poll::Ready(Ok(()));
-            }
+        if buf.remaining() > 0 && !self.first.is_empty() {
+            let n = buf.remaining().min(self.first.len());
+            buf.put_slice(&self.first.split_to(n));
+            return Poll::Ready(Ok(()));
         }
         self.io()?.poll_read(cx, buf)
     }
@@ -149,7 +149,7 @@ mod tests {
         let (near, mut far) = tokio::io::duplex(64);
         let home = Home::new();
         far.write_all(b"ET /").await?;
-        let mut lent = Parkable::new(near, b'G', &home);
+        let mut lent = Parkable::new(near, Bytes::from_static(b"G"), &home);
         let mut head = [0; 5];
         lent.read_exact(&mut head).await?;
         assert_eq!(&head, b"GET /", "the waking byte comes first");
@@ -162,7 +162,7 @@ mod tests {
         far.read_exact(&mut got).await?;
         assert_eq!(&got, b"still open");
 
-        let lent = Parkable::new(back, b'G', &home);
+        let lent = Parkable::new(back, Bytes::from_static(b"G"), &home);
         drop(lent);
         assert!(home.take().is_none(), "not parking: the socket is dropped");
         assert_eq!(far.read(&mut got).await?, 0, "and the peer sees EOF");

@@ -86,9 +86,30 @@ impl Proxy {
         peer: &headers::Peer,
         proto: &'static str,
     ) -> Result<Response<ProxyBody>, Infallible> {
+        let (parts, body) = req.into_parts();
+        Ok(self.exchange(parts, Some(body), peer, proto).await)
+    }
+
+    /// Serves a request that has no body (the lane's), as [`Proxy::handle`] does.
+    pub async fn handle_bodiless(
+        &self,
+        parts: Parts,
+        peer: &headers::Peer,
+        proto: &'static str,
+    ) -> Response<ProxyBody> {
+        self.exchange(parts, None, peer, proto).await
+    }
+
+    async fn exchange(
+        &self,
+        parts: Parts,
+        body: Option<Incoming>,
+        peer: &headers::Peer,
+        proto: &'static str,
+    ) -> Response<ProxyBody> {
         let started = Instant::now();
         // For the log: a clone shares the target's bytes, where a copy of the path allocated.
-        let (method, uri) = (req.method().clone(), req.uri().clone());
+        let (method, uri) = (parts.method.clone(), parts.uri.clone());
         let routing = self.routing.load_full();
         let mut ex = Exchange {
             backend: None,
@@ -99,7 +120,7 @@ impl Proxy {
             proto,
             forwarding: &routing.forwarding,
         };
-        let resp = match self.forward(&routing, req, &hop, &mut ex).await {
+        let resp = match self.forward(&routing, parts, body, &hop, &mut ex).await {
             Ok(resp) => resp,
             Err(e) => {
                 tracing::warn!(method = %method, path = uri.path(), error = %chain(&e), "request failed");
@@ -119,17 +140,18 @@ impl Proxy {
             duration_us = started.elapsed().as_micros() as u64,
             "request"
         );
-        Ok(resp)
+        resp
     }
 
     async fn forward(
         &self,
         routing: &Routing,
-        req: Request<Incoming>,
+        parts: Parts,
+        body: Option<Incoming>,
         hop: &headers::Hop<'_>,
         ex: &mut Exchange,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let mut out = Outgoing::prepare(routing, req, hop)?;
+        let mut out = Outgoing::prepare(routing, parts, body, hop)?;
         let mut last = ProxyError::NoBackend;
         let mut reason = unusable_pin_reason(routing, &out.pin);
         for idx in routing.candidates(&out.pin) {
@@ -213,10 +235,10 @@ impl Outgoing {
     #[inline(always)]
     fn prepare(
         routing: &Routing,
-        req: Request<Incoming>,
+        mut parts: Parts,
+        body: Option<Incoming>,
         hop: &headers::Hop<'_>,
     ) -> Result<Self, ProxyError> {
-        let (mut parts, body) = req.into_parts();
         crate::validate::check(&parts)?;
         if declared_length(&parts)
             .zip(routing.max_body)
@@ -237,7 +259,7 @@ impl Outgoing {
         if let Some(protocol) = upgrade {
             headers::keep_upgrade(&mut parts.headers, protocol);
         }
-        let body = Replayable::new(body, routing.max_body);
+        let body = body.map_or_else(Replayable::empty, |b| Replayable::new(b, routing.max_body));
         let replayable = body.is_empty() && is_idempotent(&parts.method);
         Ok(Self {
             parts,

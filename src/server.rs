@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -24,6 +25,7 @@ use crate::activity::{Activity, Busy};
 use crate::coalesce::Coalesce;
 use crate::framing::{self, Conflicts, Watch};
 use crate::headers::Peer;
+use crate::lane::{Lane, Next};
 use crate::park::{Home, Parkable};
 use crate::proxy::Proxy;
 use crate::woken::Woken;
@@ -209,15 +211,84 @@ impl Conn {
     /// Serves HTTP/1.1 or HTTP/2 (by preface; under TLS ALPN has agreed on it) with upgrades,
     /// until the peer closes, the connection idles out, or the server stops. A quiet HTTP/1
     /// connection is parked and served again by a fresh hyper connection when bytes arrive.
-    async fn serve<I>(mut self: Box<Self>, io: I, proto: &'static str)
+    async fn serve<I>(mut self: Box<Self>, mut io: I, proto: &'static str)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (proxy, peer) = (Arc::clone(&self.proxy), self.peer);
-        let (mut io, conflicts) = framing::watch(io, self.max_head);
         let activity = Arc::new(Activity::new());
-        let (seen, marks) = (Arc::clone(&activity), Arc::clone(&conflicts));
-        let client = Arc::new(Peer::new(peer.ip()));
+        let client = Arc::new(Peer::new(self.peer.ip()));
+        let mut parked = None;
+        loop {
+            // Waiting costs no lane or hyper state: it is made, boxed, when bytes arrive.
+            let Some(first) = self.first_byte(&mut io, &activity).await else {
+                return;
+            };
+            drop(parked.take());
+            let first = if proto == "http" {
+                match Box::pin(self.lane(&mut io, &client, &activity, first)).await {
+                    Next::Hyper(first) => first,
+                    Next::Park => {
+                        parked = Some(Parked::new(&self.parked));
+                        continue;
+                    }
+                    Next::Closed => return,
+                }
+            } else {
+                Bytes::copy_from_slice(&[first])
+            };
+            // Boxed with the hyper connection it drives, so that a parked connection's task is
+            // only as large as waiting for a first byte needs.
+            match Box::pin(self.hyper(io, first, proto, &activity, &client)).await {
+                Some(back) => io = back,
+                None => return,
+            }
+            parked = Some(Parked::new(&self.parked));
+        }
+    }
+
+    async fn lane<I>(
+        &mut self,
+        io: &mut I,
+        client: &Peer,
+        activity: &Arc<Activity>,
+        first: u8,
+    ) -> Next
+    where
+        I: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut lane = Lane {
+            proxy: &self.proxy,
+            peer: client,
+            activity,
+            stop: &mut self.stop,
+            idle: self.idle,
+            park_after: self.park_after,
+            max_head: self.max_head,
+        };
+        lane.serve(io, first).await
+    }
+
+    /// One hyper connection on the socket, `first` read before it; the socket back if the
+    /// connection was parked.
+    async fn hyper<I>(
+        &mut self,
+        io: I,
+        first: Bytes,
+        proto: &'static str,
+        activity: &Arc<Activity>,
+        client: &Arc<Peer>,
+    ) -> Option<I>
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut io, conflicts) = framing::watch(io, self.max_head);
+        io.saw(&first);
+        let (proxy, seen, marks) = (
+            Arc::clone(&self.proxy),
+            Arc::clone(activity),
+            Arc::clone(&conflicts),
+        );
+        let client = Arc::clone(client);
         let svc = service_fn(move |mut req| {
             marks.mark(&mut req);
             let (proxy, busy) = (Arc::clone(&proxy), Activity::begin(&seen));
@@ -227,28 +298,14 @@ impl Conn {
                 resp.map(|r| r.map(|body| Tracked { body, _busy: busy }))
             }
         });
-        let (home, builder) = (Home::new(), Arc::clone(&self.builder));
-        let mut parked = None;
-        loop {
-            // Waiting costs no hyper state: it is made, boxed, when bytes arrive.
-            let Some(first) = self.first_byte(&mut io, &activity).await else {
-                return;
-            };
-            drop(parked.take());
-            let lent = TokioIo::new(Parkable::new(io, first, &home));
-            let conn = Box::pin(builder.serve_connection_with_upgrades(lent, svc.clone()));
-            // Boxed with the hyper connection it drives, so that a parked connection's task is
-            // only as large as waiting for a first byte needs.
-            let serving = Box::pin(self.until_quiet(conn, &activity, &conflicts, &home));
-            if !serving.await {
-                return;
-            }
-            match home.take() {
-                Some(back) => io = back,
-                None => return,
-            }
-            parked = Some(Parked::new(&self.parked));
+        let home = Home::new();
+        let lent = TokioIo::new(Parkable::new(io, first, &home));
+        let builder = Arc::clone(&self.builder);
+        let conn = Box::pin(builder.serve_connection_with_upgrades(lent, svc));
+        if !self.until_quiet(conn, activity, &conflicts, &home).await {
+            return None;
         }
+        home.take().map(Watch::into_inner)
     }
 
     /// The first byte of the next request, or None when the peer closes, the connection idles

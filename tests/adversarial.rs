@@ -9,32 +9,10 @@ mod raw;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{eventually, read_response, Proxy};
-use raw::RawBackend;
+use common::{eventually, read_response};
+use raw::{proxy_for, proxy_for_raw, RawBackend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-const QUIET_HEALTH: &str = "[health]\ninterval = \"1h\"\n";
-
-/// stickylb in front of the one backend at `backend`, heartbeats out of the way.
-async fn proxy_for(backend: SocketAddr, extra: &str) -> Proxy {
-    let toml = format!(
-        "[listener]\naddress = \"127.0.0.1:0\"\n[affinity]\nsecret = \"test-secret-0123456789\"\n\
-         {QUIET_HEALTH}{extra}\n[[backends]]\nid = \"raw\"\naddress = \"{backend}\"\n"
-    );
-    Proxy::start(&toml).await
-}
-
-/// The proxy for a capture backend, once the heartbeat it sends at start has arrived: a probe
-/// still on its way would count as a client's connection (or its bytes as a client's).
-async fn proxy_for_raw(backend: &RawBackend, extra: &str) -> Proxy {
-    let proxy = proxy_for(backend.addr, extra).await;
-    eventually(Duration::from_secs(5), "the first heartbeat", || {
-        backend.heartbeats() > 0
-    })
-    .await;
-    proxy
-}
 
 /// Sends `bytes` and reads until the proxy closes the connection (or 5 s pass).
 async fn exchange(addr: SocketAddr, bytes: &[u8]) -> (String, bool) {

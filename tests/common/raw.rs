@@ -1,5 +1,6 @@
 //! A raw-TCP capture backend: records the exact bytes each connection delivers and answers every
-//! complete request (head parsed by `httparse`, body by `Content-Length`) with `200` and its id.
+//! complete request (head parsed by `httparse`, body by `Content-Length`) with the same bytes
+//! (by default `200` and the body `raw`).
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
@@ -8,7 +9,31 @@ use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::common::HEARTBEAT;
+use std::time::Duration;
+
+use crate::common::{eventually, Proxy, HEARTBEAT};
+
+const QUIET_HEALTH: &str = "[health]\ninterval = \"1h\"\n";
+
+/// stickylb in front of the one backend at `backend`, heartbeats out of the way.
+pub async fn proxy_for(backend: SocketAddr, extra: &str) -> Proxy {
+    let toml = format!(
+        "[listener]\naddress = \"127.0.0.1:0\"\n[affinity]\nsecret = \"test-secret-0123456789\"\n\
+         {QUIET_HEALTH}{extra}\n[[backends]]\nid = \"raw\"\naddress = \"{backend}\"\n"
+    );
+    Proxy::start(&toml).await
+}
+
+/// The proxy for a capture backend, once the heartbeat it sends at start has arrived: a probe
+/// still on its way would count as a client's connection (or its bytes as a client's).
+pub async fn proxy_for_raw(backend: &RawBackend, extra: &str) -> Proxy {
+    let proxy = proxy_for(backend.addr, extra).await;
+    eventually(Duration::from_secs(5), "the first heartbeat", || {
+        backend.heartbeats() > 0
+    })
+    .await;
+    proxy
+}
 
 /// One connection as the backend saw it.
 #[derive(Debug, Default, Clone)]
@@ -28,6 +53,11 @@ pub struct RawBackend {
 
 impl RawBackend {
     pub async fn start() -> Self {
+        Self::answering(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nraw").await
+    }
+
+    /// A backend that answers every request with `reply`, as it is.
+    pub async fn answering(reply: &'static [u8]) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let conns = Arc::new(Mutex::new(Vec::new()));
@@ -39,7 +69,7 @@ impl RawBackend {
                     c.push(Capture::default());
                     c.len() - 1
                 };
-                tokio::spawn(serve(stream, index, Arc::clone(&shared)));
+                tokio::spawn(serve(stream, index, Arc::clone(&shared), reply));
             }
         });
         Self { addr, conns, task }
@@ -77,7 +107,12 @@ impl Drop for RawBackend {
     }
 }
 
-async fn serve(mut stream: TcpStream, index: usize, conns: Arc<Mutex<Vec<Capture>>>) {
+async fn serve(
+    mut stream: TcpStream,
+    index: usize,
+    conns: Arc<Mutex<Vec<Capture>>>,
+    reply: &'static [u8],
+) {
     let (mut pending, mut buf) = (Vec::new(), vec![0u8; 64 * 1024]);
     loop {
         let n = match stream.read(&mut buf).await {
@@ -91,7 +126,6 @@ async fn serve(mut stream: TcpStream, index: usize, conns: Arc<Mutex<Vec<Capture
         while let Some((path, len)) = complete_request(&pending) {
             let request: Vec<u8> = pending.drain(..len).collect();
             conns.lock().unwrap()[index].requests.push((path, request));
-            let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nraw";
             if stream.write_all(reply).await.is_err() {
                 break;
             }

@@ -1,0 +1,303 @@
+//! The HTTP/1 lane: a plaintext HTTP/1.1 connection's common requests (no body, no upgrade) are
+//! read with httparse and answered by writing the response ourselves, around the same `Proxy` as
+//! every other request. hyper's server costs about as much per request as all of stickylb's own
+//! work (README, Performance); here the head is parsed once, into the buffer it was read into.
+//! Any other request, and anything the lane cannot read, goes to hyper with the bytes read so
+//! far, untouched, so its answers to unusual or hostile input stay hyper's by construction.
+
+pub mod request;
+pub mod response;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::Method;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
+
+use crate::activity::Activity;
+use crate::headers::Peer;
+use crate::proxy::Proxy;
+use crate::woken::Woken;
+use request::{Head, Read};
+use response::Asked;
+
+/// Room made in the read buffer before a read; a head needs more only when it is long.
+const READ_CHUNK: usize = 4096;
+
+/// What became of the connection when the lane let go of it.
+pub enum Next {
+    /// Ended: the peer closed, it idled out, the server is stopping, or a write failed.
+    Closed,
+    /// Quiet, with nothing of a next head read: it waits for its next byte holding no buffer.
+    Park,
+    /// hyper serves it from here, starting with these bytes, already read.
+    Hyper(Bytes),
+}
+
+/// What the lane needs from the connection it serves.
+pub struct Lane<'a> {
+    pub proxy: &'a Proxy,
+    pub peer: &'a Peer,
+    pub activity: &'a Arc<Activity>,
+    pub stop: &'a mut watch::Receiver<()>,
+    /// The time a client has for its next head, counted from the end of the last response.
+    pub idle: Duration,
+    /// A connection quiet this long is parked.
+    pub park_after: Duration,
+    pub max_head: usize,
+}
+
+/// The connection's one timer, and the buffer responses are written from.
+struct Waiting {
+    check: Pin<Box<Sleep>>,
+    timer: Woken,
+    signal: Woken,
+    out: Vec<u8>,
+}
+
+/// The timer's verdict on a connection waiting for a head.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Idle past the limit, or a head begun and not finished within it.
+    Close,
+    /// Quiet with nothing of a head read.
+    Park,
+    CheckAt(Instant),
+}
+
+/// Closes `idle` after `since`; parks `park_after` after it if nothing of a head is read, else
+/// looks again a park period later.
+fn verdict(now: Instant, since: Instant, limits: (Duration, Duration), empty: bool) -> Verdict {
+    let (idle, park_after) = limits;
+    let close_at = since + idle;
+    if now >= close_at {
+        return Verdict::Close;
+    }
+    let park_at = since + park_after;
+    if park_at >= close_at {
+        return Verdict::CheckAt(close_at);
+    }
+    if !empty {
+        return Verdict::CheckAt((now + park_after).min(close_at));
+    }
+    if now >= park_at {
+        return Verdict::Park;
+    }
+    Verdict::CheckAt(park_at)
+}
+
+/// A wait for the next head ended.
+enum Got {
+    Head(Head),
+    /// The buffer holds a request for hyper.
+    Hyper,
+    /// The connection ended or parks.
+    Left(Next),
+}
+
+impl Lane<'_> {
+    /// Serves requests, `first` the byte that woke the connection, until the connection ends,
+    /// parks or has a request for hyper.
+    pub async fn serve<I>(&mut self, io: &mut I, first: u8) -> Next
+    where
+        I: AsyncRead + AsyncWrite + Unpin,
+    {
+        let wake = Instant::now() + self.park_after.min(self.idle);
+        let mut waiting = Waiting {
+            check: Box::pin(tokio::time::sleep_until(wake)),
+            timer: Woken::new(),
+            signal: Woken::new(),
+            out: Vec::new(),
+        };
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        buf.extend_from_slice(&[first]);
+        loop {
+            let head = match self.next_head(io, &mut buf, &mut waiting).await {
+                Got::Head(head) => head,
+                Got::Hyper => return Next::Hyper(buf.freeze()),
+                Got::Left(next) => return next,
+            };
+            if let Some(next) = self.answer(io, head, &mut buf, &mut waiting.out).await {
+                return next;
+            }
+        }
+    }
+
+    /// Forwards one request and writes its response; what became of the connection if it is
+    /// not ready for the next request.
+    async fn answer<I>(
+        &mut self,
+        io: &mut I,
+        head: Head,
+        buf: &mut BytesMut,
+        out: &mut Vec<u8>,
+    ) -> Option<Next>
+    where
+        I: AsyncRead + AsyncWrite + Unpin,
+    {
+        let asked = Asked {
+            head: head.parts.method == Method::HEAD,
+            close: head.close,
+        };
+        let busy = Activity::begin(self.activity);
+        let exchange = self.proxy.handle_bodiless(head.parts, self.peer, "http");
+        // A client that leaves ends the exchange, as hyper's server does (no backend is kept
+        // busy for nobody); bytes of a next request meanwhile wait in the buffer.
+        let resp = tokio::select! {
+            biased;
+            resp = exchange => resp,
+            () = gone(io, buf, self.max_head) => return Some(Next::Closed),
+        };
+        let written = response::write(io, resp, asked, out).await;
+        drop(busy);
+        match written {
+            Ok(true) => None,
+            Ok(false) => Some(self.close(io).await),
+            Err(e) => {
+                tracing::debug!(peer = %self.peer.ip, error = %e, "response write failed");
+                Some(Next::Closed)
+            }
+        }
+    }
+
+    async fn close<I: AsyncWrite + Unpin>(&self, io: &mut I) -> Next {
+        if let Err(e) = io.shutdown().await {
+            tracing::debug!(peer = %self.peer.ip, error = %e, "shutdown failed");
+        }
+        Next::Closed
+    }
+
+    /// Reads until `buf` holds a whole head, or the lane lets go of the connection.
+    async fn next_head<I: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut I,
+        buf: &mut BytesMut,
+        waiting: &mut Waiting,
+    ) -> Got {
+        loop {
+            match request::read(buf) {
+                Read::Lane(head) => return Got::Head(head),
+                Read::Hyper => return Got::Hyper,
+                // Too long a head: hyper answers 431.
+                Read::Partial if buf.len() >= self.max_head => return Got::Hyper,
+                Read::Partial => {}
+            }
+            if let Some(next) = self.read_more(io, buf, waiting).await {
+                return Got::Left(next);
+            }
+        }
+    }
+
+    /// One read into `buf`, or why the lane lets go: the peer closed, the connection idled out
+    /// or parks, or the server is stopping. The timer and the stop signal are polled only when
+    /// they woke.
+    async fn read_more<I: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut I,
+        buf: &mut BytesMut,
+        waiting: &mut Waiting,
+    ) -> Option<Next> {
+        loop {
+            let stop = std::pin::pin!(self.stop.changed());
+            tokio::select! {
+                biased;
+                read = read_into(io, buf) => return match read {
+                    Ok(0) => Some(Next::Closed),
+                    Ok(_) => None,
+                    Err(e) => {
+                        tracing::debug!(peer = %self.peer.ip, error = %e, "read failed");
+                        Some(Next::Closed)
+                    }
+                },
+                _ = waiting.signal.guard(stop) => return Some(Next::Closed),
+                () = waiting.timer.guard(waiting.check.as_mut()) => {
+                    // Nothing is under way while the lane waits for a head.
+                    let since = self.activity.idle_since().unwrap_or_else(Instant::now);
+                    let limits = (self.idle, self.park_after);
+                    match verdict(Instant::now(), since, limits, buf.is_empty()) {
+                        Verdict::Close => return Some(Next::Closed),
+                        Verdict::Park => return Some(Next::Park),
+                        Verdict::CheckAt(at) => waiting.check.as_mut().reset(at),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Resolves when the client closes the connection or it fails; reads on meanwhile, up to a
+/// head's limit.
+async fn gone<I: AsyncRead + Unpin>(io: &mut I, buf: &mut BytesMut, max_head: usize) {
+    while buf.len() < max_head {
+        match read_into(io, buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+    std::future::pending().await
+}
+
+async fn read_into<I: AsyncRead + Unpin>(io: &mut I, buf: &mut BytesMut) -> std::io::Result<usize> {
+    buf.reserve(READ_CHUNK);
+    io.read_buf(buf).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn the_timer_closes_parks_or_says_when_to_look_again() {
+        let t0 = Instant::now();
+        let at = |ms: u32| t0 + ms * MS;
+        // idle 10 s, park after 1 s, quiet since t0.
+        let limits = (10_000 * MS, 1000 * MS);
+        let table = [
+            (
+                "quiet briefly: look at the park time",
+                500,
+                true,
+                Verdict::CheckAt(at(1000)),
+            ),
+            (
+                "quiet long enough, nothing read: park",
+                1000,
+                true,
+                Verdict::Park,
+            ),
+            (
+                "part of a head read: a park period later",
+                1500,
+                false,
+                Verdict::CheckAt(at(2500)),
+            ),
+            ("idle past the limit: close", 10_000, true, Verdict::Close),
+            (
+                "a head begun and not done in time: close",
+                10_500,
+                false,
+                Verdict::Close,
+            ),
+        ];
+        for (what, now, empty, verdict) in table {
+            assert_eq!(
+                super::verdict(at(now), t0, limits, empty),
+                verdict,
+                "{what}"
+            );
+        }
+        let late = super::verdict(at(9500), t0, limits, false);
+        assert_eq!(late, Verdict::CheckAt(at(10_000)), "never past the close");
+        let never_parks = (1000 * MS, 1000 * MS);
+        assert_eq!(
+            super::verdict(at(500), t0, never_parks, true),
+            Verdict::CheckAt(at(1000))
+        );
+    }
+}

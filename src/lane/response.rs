@@ -1,0 +1,357 @@
+//! Writing a response for the lane as hyper's server would: the status line, the headers (with
+//! `Date` when the backend sent none), then the body framed by its length, or chunked when the
+//! length is not known. A head goes out with the body's first bytes in one write when they are
+//! already there, and alone when they are not (a stream that starts later is not held back).
+
+use std::cell::Cell;
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
+use http::{HeaderMap, Response, StatusCode};
+use http_body::{Body, Frame};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+use crate::body::ProxyBody;
+
+/// Body bytes up to this size are copied behind the head and sent with it.
+const WITH_HEAD: usize = 16 * 1024;
+
+/// What the request says about writing its response.
+#[derive(Debug, Clone, Copy)]
+pub struct Asked {
+    /// A `HEAD` request: the response has no body, whatever its headers say.
+    pub head: bool,
+    /// The client asked to close after this response.
+    pub close: bool,
+}
+
+/// How the body goes on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// Writes `resp` to the client; true if the connection may serve another request. An error or a
+/// body that ends short of its length ends the connection (the client cannot tell otherwise).
+pub async fn write<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    resp: Response<ProxyBody>,
+    asked: Asked,
+    out: &mut Vec<u8>,
+) -> io::Result<bool> {
+    let (parts, mut body) = resp.into_parts();
+    let closing = wants_close(&parts.headers);
+    let close = asked.close || closing;
+    let framing = framing(parts.status, &parts.headers, &body, asked.head);
+    out.clear();
+    head(
+        out,
+        parts.status,
+        &parts.headers,
+        framing,
+        asked.close && !closing,
+    );
+    if framing == Framing::None {
+        io.write_all(out).await?;
+        return Ok(!close);
+    }
+    let mut sent = 0;
+    // The first frame, if it is already there, goes with the head.
+    if let Poll::Ready(frame) = poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await
+    {
+        let Some(frame) = frame.transpose().map_err(io::Error::other)? else {
+            return finish(io, out, framing, sent).await.map(|()| !close);
+        };
+        sent += data(out, framing, frame);
+    }
+    if out.len() > WITH_HEAD || !body.is_end_stream() {
+        io.write_all(out).await?;
+        out.clear();
+    }
+    sent += stream(io, &mut body, framing, out).await?;
+    finish(io, out, framing, sent).await.map(|()| !close)
+}
+
+/// The rest of the body, a frame at a time.
+async fn stream<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    body: &mut ProxyBody,
+    framing: Framing,
+    out: &mut Vec<u8>,
+) -> io::Result<u64> {
+    let mut sent = 0;
+    while !body.is_end_stream() {
+        let polled = poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await;
+        let Some(frame) = polled.transpose().map_err(io::Error::other)? else {
+            break;
+        };
+        sent += data(out, framing, frame);
+        io.write_all(out).await?;
+        out.clear();
+    }
+    Ok(sent)
+}
+
+/// Ends the body: the last chunk, or a check that the promised length was sent.
+async fn finish<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    out: &mut Vec<u8>,
+    framing: Framing,
+    sent: u64,
+) -> io::Result<()> {
+    match framing {
+        Framing::Chunked => out.extend_from_slice(b"0\r\n\r\n"),
+        Framing::Length(n) if n != sent => {
+            return Err(io::Error::other("response body ended short of its length"))
+        }
+        _ => {}
+    }
+    if !out.is_empty() {
+        io.write_all(out).await?;
+    }
+    Ok(())
+}
+
+/// Appends a frame's data, chunked if need be; trailers are dropped (as hyper does unless the
+/// client asked for them). Returns the data's length.
+fn data(out: &mut Vec<u8>, framing: Framing, frame: Frame<Bytes>) -> u64 {
+    let Ok(data) = frame.into_data() else {
+        return 0;
+    };
+    if data.is_empty() {
+        return 0;
+    }
+    if framing == Framing::Chunked {
+        chunk_size(out, data.len());
+        out.extend_from_slice(&data);
+        out.extend_from_slice(b"\r\n");
+    } else {
+        out.extend_from_slice(&data);
+    }
+    data.len() as u64
+}
+
+/// A chunk's size line: the size in hex.
+fn chunk_size(out: &mut Vec<u8>, n: usize) {
+    let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
+    for i in (0..digits).rev() {
+        out.push(b"0123456789abcdef"[(n >> (4 * i)) & 0xf]);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn wants_close(headers: &HeaderMap) -> bool {
+    crate::headers::list_tokens(headers, &CONNECTION).any(|t| t.eq_ignore_ascii_case("close"))
+}
+
+/// RFC 9112 section 6.3 from the server's side: no body for HEAD, 1xx, 204 and 304; else the
+/// length the headers give, or the body knows, or chunked.
+fn framing(status: StatusCode, headers: &HeaderMap, body: &ProxyBody, head: bool) -> Framing {
+    let bodiless = status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    if head || bodiless {
+        return Framing::None;
+    }
+    let declared = headers.get(CONTENT_LENGTH);
+    match declared.and_then(|v| crate::framing::content_length(v.as_bytes())) {
+        Some(n) => Framing::Length(n),
+        None => match body.size_hint().exact() {
+            Some(n) if declared.is_none() => Framing::Length(n),
+            _ => Framing::Chunked,
+        },
+    }
+}
+
+/// The status line and headers, with what the framing and the lane add.
+fn head(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    headers: &HeaderMap,
+    framing: Framing,
+    add_close: bool,
+) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in headers {
+        if name == TRANSFER_ENCODING || (name == CONTENT_LENGTH && framing == Framing::Chunked) {
+            continue;
+        }
+        line(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    match framing {
+        Framing::Length(n) if !headers.contains_key(CONTENT_LENGTH) => {
+            line(
+                out,
+                b"content-length",
+                itoa::Buffer::new().format(n).as_bytes(),
+            );
+        }
+        Framing::Chunked => line(out, b"transfer-encoding", b"chunked"),
+        _ => {}
+    }
+    if add_close {
+        line(out, b"connection", b"close");
+    }
+    if !headers.contains_key(DATE) {
+        DATE_NOW.with(|d| line(out, b"date", &now(d)));
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+thread_local! {
+    /// The `Date` value, formatted once a second.
+    static DATE_NOW: Cell<(u64, [u8; 29])> = const { Cell::new((0, [0; 29])) };
+}
+
+fn now(cell: &Cell<(u64, [u8; 29])>) -> [u8; 29] {
+    let wall = SystemTime::now();
+    let secs = wall.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (at, text) = cell.get();
+    if at == secs {
+        return text;
+    }
+    let mut fresh = [0; 29];
+    fresh.copy_from_slice(httpdate::fmt_http_date(wall).as_bytes());
+    cell.set((secs, fresh));
+    fresh
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    const PLAIN: Asked = Asked {
+        head: false,
+        close: false,
+    };
+
+    async fn written(resp: Response<ProxyBody>, asked: Asked) -> (String, bool) {
+        let (mut wire, mut out) = (Vec::new(), Vec::new());
+        let keep = write(&mut wire, resp, asked, &mut out)
+            .await
+            .expect("written");
+        (String::from_utf8(wire).expect("text"), keep)
+    }
+
+    fn local(status: u16, text: &'static str) -> Response<ProxyBody> {
+        let mut resp = Response::new(ProxyBody::local(text));
+        *resp.status_mut() = StatusCode::from_u16(status).expect("a status");
+        resp
+    }
+
+    fn without_date(wire: &str) -> String {
+        let date = wire
+            .lines()
+            .find(|l| l.starts_with("date: "))
+            .expect("a date");
+        assert_eq!(date.len(), "date: Sun, 06 Nov 1994 08:49:37 GMT".len());
+        wire.replace(&format!("{date}\r\n"), "")
+    }
+
+    #[tokio::test]
+    async fn a_known_length_is_declared_and_the_body_follows_the_head() {
+        let (wire, keep) = written(local(200, "hi"), PLAIN).await;
+        assert_eq!(
+            without_date(&wire),
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi"
+        );
+        assert!(keep);
+    }
+
+    #[tokio::test]
+    async fn head_204_and_304_answers_have_no_body() {
+        let mut resp = local(200, "");
+        resp.headers_mut()
+            .insert(CONTENT_LENGTH, HeaderValue::from_static("5"));
+        let head = Asked {
+            head: true,
+            ..PLAIN
+        };
+        let (wire, _) = written(resp, head).await;
+        assert_eq!(
+            without_date(&wire),
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"
+        );
+        for status in [204, 304] {
+            let (wire, keep) = written(local(status, ""), PLAIN).await;
+            assert!(
+                wire.ends_with("\r\n\r\n") && !wire.contains("content-length"),
+                "{wire}"
+            );
+            assert!(keep);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_close_asked_by_either_side_is_said_once_and_ends_the_connection() {
+        let asked = Asked {
+            close: true,
+            ..PLAIN
+        };
+        let (wire, keep) = written(local(200, "x"), asked).await;
+        assert!(
+            wire.contains("\r\nconnection: close\r\n") && !keep,
+            "{wire}"
+        );
+        let mut refused = local(400, "no");
+        refused
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+        let (wire, keep) = written(refused, asked).await;
+        assert_eq!(wire.matches("connection: close").count(), 1, "{wire}");
+        assert!(!keep);
+    }
+
+    #[tokio::test]
+    async fn a_backend_date_is_kept_and_no_other_is_added() {
+        let mut resp = local(200, "");
+        let date = "Sun, 06 Nov 1994 08:49:37 GMT";
+        resp.headers_mut()
+            .insert(DATE, HeaderValue::from_static(date));
+        let (wire, _) = written(resp, PLAIN).await;
+        assert_eq!(
+            wire,
+            format!("HTTP/1.1 200 OK\r\ndate: {date}\r\ncontent-length: 0\r\n\r\n")
+        );
+    }
+
+    #[test]
+    fn chunks_are_sized_in_hex_and_trailers_dropped() {
+        let mut out = Vec::new();
+        let data = Frame::data(Bytes::from(vec![b'z'; 26]));
+        assert_eq!(super::data(&mut out, Framing::Chunked, data), 26);
+        assert_eq!(out, [&b"1a\r\n"[..], &[b'z'; 26], b"\r\n"].concat());
+        let trailers = Frame::trailers(HeaderMap::new());
+        assert_eq!(super::data(&mut out, Framing::Chunked, trailers), 0);
+        assert_eq!(out.len(), 32);
+        for (n, line) in [
+            (0, "0\r\n"),
+            (15, "f\r\n"),
+            (16, "10\r\n"),
+            (65_536, "10000\r\n"),
+        ] {
+            out.clear();
+            chunk_size(&mut out, n);
+            assert_eq!(out, line.as_bytes());
+        }
+    }
+}
