@@ -144,7 +144,7 @@ impl Lane<'_> {
             close: head.close,
         };
         let busy = Activity::begin(self.activity);
-        let exchange = self.proxy.handle_bodiless(head.parts, self.peer, "http");
+        let exchange = std::pin::pin!(self.proxy.handle_bodiless(head.parts, self.peer, "http"));
         // A client that leaves ends the exchange, as hyper's server does (no backend is kept
         // busy for nobody); bytes of a next request meanwhile wait in the buffer.
         let resp = tokio::select! {
@@ -230,12 +230,14 @@ impl Lane<'_> {
 }
 
 /// Resolves when the client closes the connection or it fails; reads on meanwhile, up to a
-/// head's limit.
+/// head's limit. It reads into a small buffer of its own: it almost never reads anything, and
+/// making room in `buf` while the request's head still shares it would allocate.
 async fn gone<I: AsyncRead + Unpin>(io: &mut I, buf: &mut BytesMut, max_head: usize) {
+    let mut early = [0; 256];
     while buf.len() < max_head {
-        match read_into(io, buf).await {
+        match io.read(&mut early).await {
             Ok(0) | Err(_) => return,
-            Ok(_) => {}
+            Ok(n) => buf.extend_from_slice(&early[..n]),
         }
     }
     std::future::pending().await
