@@ -228,6 +228,7 @@ impl Conn {
                 match Box::pin(self.lane(&mut io, &client, &activity, first)).await {
                     Next::Hyper(first) => first,
                     Next::Park => {
+                        tracing::trace!(peer = %self.peer, "parking connection");
                         parked = Some(Parked::new(&self.parked));
                         continue;
                     }

@@ -185,6 +185,48 @@ mod tests {
     }
 
     #[test]
+    fn every_prefix_of_a_head_waits_untouched_and_the_whole_is_taken() {
+        let wire = b"GET /p HTTP/1.1\r\nHost: x\r\nCookie: stickylb=v; a=b\r\n\r\n";
+        for end in 0..wire.len() {
+            let mut buf = BytesMut::from(&wire[..end]);
+            assert!(matches!(read(&mut buf), Read::Partial), "{end} bytes");
+            assert_eq!(&buf[..], &wire[..end]);
+        }
+        let (head, rest) = lane(wire);
+        assert!(rest.is_empty());
+        assert_eq!(head.parts.headers["cookie"], "stickylb=v; a=b");
+    }
+
+    /// Heads with bytes changed at random: never a panic; a head is taken whole or the bytes
+    /// are left as they came.
+    #[test]
+    fn damaged_heads_are_taken_whole_or_left_alone() {
+        use rand::{Rng, SeedableRng};
+        let wire = b"GET /a/b?c=d HTTP/1.1\r\nHost: app.test\r\nAccept: */*\r\nX-Y: z\r\n\r\n";
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..20_000 {
+            let mut bytes = wire.to_vec();
+            for _ in 0..rng.gen_range(1..4) {
+                let at = rng.gen_range(0..bytes.len());
+                bytes[at] = rng.gen();
+            }
+            let mut buf = BytesMut::from(&bytes[..]);
+            match read(&mut buf) {
+                Read::Lane(taken_head) => {
+                    let taken = bytes.len() - buf.len();
+                    let head = &bytes[..taken];
+                    // An empty line ends it; httparse, as hyper, takes a bare LF for CRLF.
+                    let ended = head.ends_with(b"\n\n") || head.ends_with(b"\n\r\n");
+                    assert!(ended, "{:?}", String::from_utf8_lossy(head));
+                    assert_eq!(&buf[..], &bytes[taken..]);
+                    assert_eq!(taken_head.parts.version, Version::HTTP_11);
+                }
+                Read::Partial | Read::Hyper => assert_eq!(&buf[..], &bytes[..]),
+            }
+        }
+    }
+
+    #[test]
     fn a_partial_head_waits_and_everything_else_is_left_to_hyper_untouched() {
         let mut partial = BytesMut::from(&b"GET / HTTP/1.1\r\nHost: x\r\n"[..]);
         assert!(matches!(read(&mut partial), Read::Partial));
