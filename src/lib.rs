@@ -16,7 +16,7 @@
 //! - [`validate`]: refuses ambiguous or hostile requests before anything is forwarded.
 //! - [`body`]: streaming request/response bodies, replayable until first read.
 //! - [`error`]: the one mapping from failures to 502/503/504.
-//! - [`lane`]: plaintext HTTP/1.1 requests without a body, read and answered without hyper.
+//! - [`lane`]: HTTP/1.1 requests without a body, read and answered without hyper's server.
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2 (h2c, or TLS with ALPN), idle connections,
 //!   graceful shutdown.
 //! - [`activity`]: idle clocks: when work last ended, and how much is under way.

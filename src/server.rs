@@ -71,7 +71,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let stream = Coalesce::new(stream);
             match tls {
-                None => conn.serve(stream, "http").await,
+                None => conn.serve(stream, "http", true).await,
                 // Boxed: its larger state would otherwise size every plaintext connection's task.
                 Some(acceptor) => Box::pin(conn.serve_tls(acceptor, stream, handshake)).await,
             }
@@ -202,16 +202,21 @@ impl Conn {
         limit: Duration,
     ) {
         match tokio::time::timeout(limit, acceptor.accept(stream)).await {
-            Ok(Ok(tls)) => self.serve(tls, "https").await,
+            Ok(Ok(tls)) => {
+                // HTTP/1 unless ALPN agreed on HTTP/2 (a client with no ALPN speaks HTTP/1).
+                let http1 = tls.get_ref().1.alpn_protocol() != Some(b"h2");
+                self.serve(tls, "https", http1).await
+            }
             Ok(Err(e)) => tracing::debug!(peer = %self.peer, error = %e, "TLS handshake failed"),
             Err(_) => tracing::debug!(peer = %self.peer, "TLS handshake timed out"),
         }
     }
 
     /// Serves HTTP/1.1 or HTTP/2 (by preface; under TLS ALPN has agreed on it) with upgrades,
-    /// until the peer closes, the connection idles out, or the server stops. A quiet HTTP/1
-    /// connection is parked and served again by a fresh hyper connection when bytes arrive.
-    async fn serve<I>(mut self: Box<Self>, mut io: I, proto: &'static str)
+    /// until the peer closes, the connection idles out, or the server stops: the common HTTP/1
+    /// requests in the lane (when `lane`: not on an HTTP/2 connection), the rest with hyper. A
+    /// quiet HTTP/1 connection is parked and served afresh when bytes arrive.
+    async fn serve<I>(mut self: Box<Self>, mut io: I, proto: &'static str, lane: bool)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -224,8 +229,9 @@ impl Conn {
                 return;
             };
             drop(parked.take());
-            let first = if proto == "http" {
-                match Box::pin(self.lane(&mut io, &client, &activity, first)).await {
+            let first = if lane {
+                let mut lane = self.lane(&client, &activity, proto);
+                match Box::pin(lane.serve(&mut io, first)).await {
                     Next::Hyper(first) => first,
                     Next::Park => {
                         tracing::trace!(peer = %self.peer, "parking connection");
@@ -247,17 +253,14 @@ impl Conn {
         }
     }
 
-    async fn lane<I>(
-        &mut self,
-        io: &mut I,
-        client: &Peer,
-        activity: &Arc<Activity>,
-        first: u8,
-    ) -> Next
-    where
-        I: AsyncRead + AsyncWrite + Unpin,
-    {
-        let mut lane = Lane {
+    /// The lane, to serve this connection's common HTTP/1 requests.
+    fn lane<'a>(
+        &'a mut self,
+        client: &'a Peer,
+        activity: &'a Arc<Activity>,
+        proto: &'static str,
+    ) -> Lane<'a> {
+        Lane {
             proxy: &self.proxy,
             peer: client,
             activity,
@@ -265,8 +268,8 @@ impl Conn {
             idle: self.idle,
             park_after: self.park_after,
             max_head: self.max_head,
-        };
-        lane.serve(io, first).await
+            proto,
+        }
     }
 
     /// One hyper connection on the socket, `first` read before it; the socket back if the

@@ -72,9 +72,15 @@ async fn connect(
     tls
 }
 
-async fn get_over(tls: tokio_rustls::client::TlsStream<TcpStream>, h2: bool) -> Response<Bytes> {
+/// GET `target` over `tls`; an HTTP/1 request in origin form (`/`) is served by the lane, one in
+/// absolute form by hyper.
+async fn get_over(
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+    h2: bool,
+    target: &str,
+) -> Response<Bytes> {
     let io = TokioIo::new(tls);
-    let req = Request::get("https://app.test/")
+    let req = Request::get(target)
         .header("host", "app.test")
         .body(Empty::<Bytes>::new())
         .unwrap();
@@ -101,8 +107,13 @@ async fn tls_terminates_with_alpn_h2_and_http1_and_the_pin_is_secure() {
     let cert = test_cert();
     let a = Upstream::start("a").await;
     let proxy = Proxy::start(&tls_config(&[&a], &cert)).await;
-    for (alpn, h2) in [(&b"h2"[..], true), (&b"http/1.1"[..], false)] {
-        let resp = get_over(connect(proxy.addr, &cert, alpn).await, h2).await;
+    let cases = [
+        (&b"h2"[..], true, "https://app.test/"),
+        (&b"http/1.1"[..], false, "https://app.test/"),
+        (&b"http/1.1"[..], false, "/"),
+    ];
+    for (alpn, h2, target) in cases {
+        let resp = get_over(connect(proxy.addr, &cert, alpn).await, h2, target).await;
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.body().as_ref(), b"a");
         let pin = resp.headers()["set-cookie"].to_str().unwrap();

@@ -1,4 +1,4 @@
-//! The HTTP/1 lane: a plaintext HTTP/1.1 connection's common requests (no body, no upgrade) are
+//! The HTTP/1 lane: an HTTP/1.1 connection's common requests (no body, no upgrade) are
 //! read with httparse and answered by writing the response ourselves, around the same `Proxy` as
 //! every other request. hyper's server costs about as much per request as all of stickylb's own
 //! work (README, Performance); here the head is parsed once, into the buffer it was read into.
@@ -49,6 +49,8 @@ pub struct Lane<'a> {
     /// A connection quiet this long is parked.
     pub park_after: Duration,
     pub max_head: usize,
+    /// `http` or `https`, as the client connected.
+    pub proto: &'static str,
 }
 
 /// The connection's one timer, and the buffer responses are written from.
@@ -144,7 +146,9 @@ impl Lane<'_> {
             close: head.close,
         };
         let busy = Activity::begin(self.activity);
-        let exchange = std::pin::pin!(self.proxy.handle_bodiless(head.parts, self.peer, "http"));
+        let exchange = std::pin::pin!(self
+            .proxy
+            .handle_bodiless(head.parts, self.peer, self.proto));
         // A client that leaves ends the exchange, as hyper's server does (no backend is kept
         // busy for nobody); bytes of a next request meanwhile wait in the buffer.
         let resp = tokio::select! {
