@@ -12,11 +12,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
-use http::{HeaderMap, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use http_body::{Body, Frame};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::body::ProxyBody;
+use crate::headers::tokens;
 
 /// Body bytes up to this size are copied behind the head and sent with it.
 const WITH_HEAD: usize = 16 * 1024;
@@ -47,16 +48,17 @@ pub async fn write<W: AsyncWrite + Unpin>(
     out: &mut Vec<u8>,
 ) -> io::Result<bool> {
     let (parts, mut body) = resp.into_parts();
-    let closing = wants_close(&parts.headers);
-    let close = asked.close || closing;
-    let framing = framing(parts.status, &parts.headers, &body, asked.head);
+    let facts = Facts::of(&parts.headers);
+    let close = asked.close || facts.close;
+    let framing = framing(parts.status, &facts, &body, asked.head);
     out.clear();
+    let add_close = asked.close && !facts.close;
     head(
         out,
-        parts.status,
-        &parts.headers,
+        (parts.status, &parts.headers),
         framing,
-        asked.close && !closing,
+        &facts,
+        add_close,
     );
     if framing == Framing::None {
         io.write_all(out).await?;
@@ -147,24 +149,49 @@ fn chunk_size(out: &mut Vec<u8>, n: usize) {
     out.extend_from_slice(b"\r\n");
 }
 
-fn wants_close(headers: &HeaderMap) -> bool {
-    crate::headers::list_tokens(headers, &CONNECTION).any(|t| t.eq_ignore_ascii_case("close"))
+/// What the lane needs to know of a response's headers, gathered in one pass: each map lookup
+/// would hash a name again.
+#[derive(Default)]
+struct Facts<'a> {
+    length: Option<&'a HeaderValue>,
+    date: bool,
+    /// `Connection: close` (stickylb's own error responses; a backend's was removed).
+    close: bool,
+}
+
+impl<'a> Facts<'a> {
+    fn of(headers: &'a HeaderMap) -> Self {
+        let mut facts = Self::default();
+        for (name, value) in headers {
+            if name == CONTENT_LENGTH {
+                facts.length.get_or_insert(value);
+            } else if name == DATE {
+                facts.date = true;
+            } else if name == CONNECTION {
+                let line = value.to_str().unwrap_or_default();
+                facts.close |= tokens(line).any(|t| t.eq_ignore_ascii_case("close"));
+            }
+        }
+        facts
+    }
 }
 
 /// RFC 9112 section 6.3 from the server's side: no body for HEAD, 1xx, 204 and 304; else the
 /// length the headers give, or the body knows, or chunked.
-fn framing(status: StatusCode, headers: &HeaderMap, body: &ProxyBody, head: bool) -> Framing {
+fn framing(status: StatusCode, facts: &Facts<'_>, body: &ProxyBody, head: bool) -> Framing {
     let bodiless = status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
     if head || bodiless {
         return Framing::None;
     }
-    let declared = headers.get(CONTENT_LENGTH);
-    match declared.and_then(|v| crate::framing::content_length(v.as_bytes())) {
+    match facts
+        .length
+        .and_then(|v| crate::framing::content_length(v.as_bytes()))
+    {
         Some(n) => Framing::Length(n),
         None => match body.size_hint().exact() {
-            Some(n) if declared.is_none() => Framing::Length(n),
+            Some(n) if facts.length.is_none() => Framing::Length(n),
             _ => Framing::Chunked,
         },
     }
@@ -173,9 +200,9 @@ fn framing(status: StatusCode, headers: &HeaderMap, body: &ProxyBody, head: bool
 /// The status line and headers, with what the framing and the lane add.
 fn head(
     out: &mut Vec<u8>,
-    status: StatusCode,
-    headers: &HeaderMap,
+    (status, headers): (StatusCode, &HeaderMap),
     framing: Framing,
+    facts: &Facts<'_>,
     add_close: bool,
 ) {
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -190,7 +217,7 @@ fn head(
         line(out, name.as_str().as_bytes(), value.as_bytes());
     }
     match framing {
-        Framing::Length(n) if !headers.contains_key(CONTENT_LENGTH) => {
+        Framing::Length(n) if facts.length.is_none() => {
             line(
                 out,
                 b"content-length",
@@ -203,7 +230,7 @@ fn head(
     if add_close {
         line(out, b"connection", b"close");
     }
-    if !headers.contains_key(DATE) {
+    if !facts.date {
         DATE_NOW.with(|d| line(out, b"date", &now(d)));
     }
     out.extend_from_slice(b"\r\n");
