@@ -33,6 +33,31 @@ async fn responses(conn: &mut TcpStream, n: usize) -> Vec<String> {
     texts
 }
 
+/// One response to `request`, sent on a connection of its own; `bodiless` for HEAD, 204, 304.
+async fn answer(addr: std::net::SocketAddr, request: &str, bodiless: bool) -> String {
+    let mut conn = TcpStream::connect(addr).await.unwrap();
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let (mut got, mut buf) = (Vec::new(), [0u8; 4096]);
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut resp = httparse::Response::new(&mut headers);
+        if let httparse::Status::Complete(head) = resp.parse(&got).unwrap() {
+            let whole = if bodiless {
+                Some(head)
+            } else {
+                whole_response(&got)
+            };
+            if let Some(len) = whole {
+                return String::from_utf8_lossy(&got[..len]).into_owned();
+            }
+        }
+        let read = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf));
+        let k = read.await.expect("an answer within 5 s").unwrap();
+        assert!(k > 0, "closed after {got:?}");
+        got.extend_from_slice(&buf[..k]);
+    }
+}
+
 fn whole_response(data: &[u8]) -> Option<usize> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut resp = httparse::Response::new(&mut headers);
@@ -167,4 +192,45 @@ async fn a_client_that_leaves_mid_exchange_frees_the_backend_at_once() {
     })
     .await;
     a.release(1);
+}
+
+/// Answers the lane writes itself, against hyper's for the same request (sent in absolute form,
+/// which the lane leaves to hyper): the same status line, headers and body.
+#[tokio::test]
+async fn the_lane_words_unusual_answers_as_hyper_does() {
+    let cases: [(&[u8], &str, bool); 6] = [
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n",
+            "HEAD",
+            true,
+        ),
+        (b"HTTP/1.1 204 No Content\r\nx-a: 1\r\n\r\n", "GET", true),
+        (
+            b"HTTP/1.1 304 Not Modified\r\netag: \"v1\"\r\n\r\n",
+            "GET",
+            true,
+        ),
+        (
+            b"HTTP/1.1 200 Fine\r\ncontent-length: 2\r\n\r\nok",
+            "GET",
+            false,
+        ),
+        (b"HTTP/1.1 599 \r\ncontent-length: 0\r\n\r\n", "GET", false),
+        (
+            b"HTTP/1.1 404 Not Found\r\ncontent-length: 4\r\n\r\ngone",
+            "GET",
+            false,
+        ),
+    ];
+    for (reply, method, bodiless) in cases {
+        let backend = RawBackend::answering(reply).await;
+        let proxy = proxy_for_raw(&backend, "").await;
+        let lane = format!("{method} /x HTTP/1.1\r\nHost: app.test\r\n\r\n");
+        let hyper = format!("{method} http://app.test/x HTTP/1.1\r\nHost: app.test\r\n\r\n");
+        let by_lane = answer(proxy.addr, &lane, bodiless).await;
+        let by_hyper = answer(proxy.addr, &hyper, bodiless).await;
+        let shown = String::from_utf8_lossy(reply);
+        assert_eq!(comparable(&by_lane), comparable(&by_hyper), "{shown:?}");
+        assert_eq!(by_lane.lines().next(), by_hyper.lines().next(), "{shown:?}");
+    }
 }

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use http_body::{Body, Frame};
+use hyper::ext::ReasonPhrase;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::body::ProxyBody;
@@ -53,13 +54,9 @@ pub async fn write<W: AsyncWrite + Unpin>(
     let framing = framing(parts.status, &facts, &body, asked.head);
     out.clear();
     let add_close = asked.close && !facts.close;
-    head(
-        out,
-        (parts.status, &parts.headers),
-        framing,
-        &facts,
-        add_close,
-    );
+    let reason = parts.extensions.get::<ReasonPhrase>();
+    let status = (parts.status, reason, &parts.headers);
+    head(out, status, framing, &facts, add_close);
     if framing == Framing::None {
         io.write_all(out).await?;
         return Ok(!close);
@@ -200,7 +197,7 @@ fn framing(status: StatusCode, facts: &Facts<'_>, body: &ProxyBody, head: bool) 
 /// The status line and headers, with what the framing and the lane add.
 fn head(
     out: &mut Vec<u8>,
-    (status, headers): (StatusCode, &HeaderMap),
+    (status, reason, headers): (StatusCode, Option<&ReasonPhrase>, &HeaderMap),
     framing: Framing,
     facts: &Facts<'_>,
     add_close: bool,
@@ -208,7 +205,11 @@ fn head(
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    // As hyper's server writes it: the backend's own reason if it was not the usual one.
+    match reason {
+        Some(reason) => out.extend_from_slice(reason.as_bytes()),
+        None => out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes()),
+    }
     out.extend_from_slice(b"\r\n");
     for (name, value) in headers {
         if name == TRANSFER_ENCODING || (name == CONTENT_LENGTH && framing == Framing::Chunked) {
