@@ -234,3 +234,30 @@ async fn the_lane_words_unusual_answers_as_hyper_does() {
         assert_eq!(by_lane.lines().next(), by_hyper.lines().next(), "{shown:?}");
     }
 }
+
+#[tokio::test]
+async fn on_shutdown_the_request_in_flight_is_answered_and_a_pipelined_one_is_not_taken() {
+    let a = Upstream::start("a").await;
+    let mut proxy = Proxy::start(&config(&[&a], "[health]\ninterval = \"1h\"\n")).await;
+    let mut conn = TcpStream::connect(proxy.addr).await.unwrap();
+    let two =
+        "GET /hold HTTP/1.1\r\nHost: app.test\r\n\r\nGET /two HTTP/1.1\r\nHost: app.test\r\n\r\n";
+    conn.write_all(two.as_bytes()).await.unwrap();
+    eventually(Duration::from_secs(5), "the first request is held", || {
+        a.holding() == 1
+    })
+    .await;
+    let server = proxy.shutdown();
+    a.release(1);
+    let mut all = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut all));
+    read.await.expect("closed within 5 s").unwrap();
+    let text = String::from_utf8(all).unwrap();
+    assert_eq!(text.matches("HTTP/1.1 200").count(), 1, "{text}");
+    let paths: Vec<String> = a.seen().into_iter().map(|s| s.path).collect();
+    assert_eq!(paths, ["/hold"]);
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("the server stops")
+        .unwrap();
+}

@@ -182,6 +182,11 @@ impl Lane<'_> {
         buf: &mut BytesMut,
         waiting: &mut Waiting,
     ) -> Got {
+        // Stopping: the request in flight was answered, and a next one already read is not
+        // taken (as hyper's graceful shutdown does). A closed channel means stopped too.
+        if self.stop.has_changed().unwrap_or(true) {
+            return Got::Left(Next::Closed);
+        }
         loop {
             match request::read(buf) {
                 Read::Lane(head) => return Got::Head(head),
