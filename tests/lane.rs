@@ -261,3 +261,26 @@ async fn on_shutdown_the_request_in_flight_is_answered_and_a_pipelined_one_is_no
         .expect("the server stops")
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_large_answer_arrives_intact_and_the_connection_is_kept() {
+    let body: String = (0..300_000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let reply = format!(
+        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let backend = RawBackend::answering(Box::leak(reply.into_bytes().into_boxed_slice())).await;
+    let proxy = proxy_for_raw(&backend, "").await;
+    let client = Clientele::new(proxy.addr);
+    for _ in 0..2 {
+        let got = client.get("/big", None).await;
+        assert_eq!(got.status.as_u16(), 200);
+        assert!(
+            got.body == body,
+            "{} bytes, not byte for byte",
+            got.body.len()
+        );
+    }
+}

@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::task::Poll;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use http_body::{Body, Frame};
@@ -20,7 +20,8 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use crate::body::ProxyBody;
 use crate::headers::tokens;
 
-/// Body bytes up to this size are copied behind the head and sent with it.
+/// Body data up to this size is copied behind the head (or a chunk's size line) and sent with
+/// it; larger data is sent as it is.
 const WITH_HEAD: usize = 16 * 1024;
 
 /// What the request says about writing its response.
@@ -68,34 +69,60 @@ pub async fn write<W: AsyncWrite + Unpin>(
         let Some(frame) = frame.transpose().map_err(io::Error::other)? else {
             return finish(io, out, framing, sent).await.map(|()| !close);
         };
-        sent += data(out, framing, frame);
+        sent = put(io, out, framing, (sent, frame)).await?;
     }
-    if out.len() > WITH_HEAD || !body.is_end_stream() {
+    if !out.is_empty() && !body.is_end_stream() {
         io.write_all(out).await?;
         out.clear();
     }
-    sent += stream(io, &mut body, framing, out).await?;
-    finish(io, out, framing, sent).await.map(|()| !close)
-}
-
-/// The rest of the body, a frame at a time.
-async fn stream<W: AsyncWrite + Unpin>(
-    io: &mut W,
-    body: &mut ProxyBody,
-    framing: Framing,
-    out: &mut Vec<u8>,
-) -> io::Result<u64> {
-    let mut sent = 0;
     while !body.is_end_stream() {
-        let polled = poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await;
+        let polled = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
         let Some(frame) = polled.transpose().map_err(io::Error::other)? else {
             break;
         };
-        sent += data(out, framing, frame);
-        io.write_all(out).await?;
-        out.clear();
+        sent = put(io, out, framing, (sent, frame)).await?;
+        if !out.is_empty() {
+            io.write_all(out).await?;
+            out.clear();
+        }
     }
-    Ok(sent)
+    finish(io, out, framing, sent).await.map(|()| !close)
+}
+
+/// Puts a frame's data behind what `out` holds, framed; `sent` before and after. Small data is
+/// copied into `out`, to go with what is there; large data is sent at once with `out`, in one
+/// vectored write, never copied. Trailers are dropped, as hyper does for a client that did not
+/// ask for them.
+async fn put<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    out: &mut Vec<u8>,
+    framing: Framing,
+    (sent, frame): (u64, Frame<Bytes>),
+) -> io::Result<u64> {
+    let Ok(data) = frame.into_data() else {
+        return Ok(sent);
+    };
+    let total = sent + data.len() as u64;
+    if matches!(framing, Framing::Length(n) if total > n) {
+        return Err(io::Error::other("response body longer than its length"));
+    }
+    if data.is_empty() {
+        return Ok(total);
+    }
+    let chunked = framing == Framing::Chunked;
+    if chunked {
+        chunk_size(out, data.len());
+    }
+    let tail: &[u8] = if chunked { b"\r\n" } else { b"" };
+    if data.len() > WITH_HEAD {
+        io.write_all_buf(&mut (&out[..]).chain(data).chain(tail))
+            .await?;
+        out.clear();
+    } else {
+        out.extend_from_slice(&data);
+        out.extend_from_slice(tail);
+    }
+    Ok(total)
 }
 
 /// Ends the body: the last chunk, or a check that the promised length was sent.
@@ -114,27 +141,9 @@ async fn finish<W: AsyncWrite + Unpin>(
     }
     if !out.is_empty() {
         io.write_all(out).await?;
+        out.clear();
     }
     Ok(())
-}
-
-/// Appends a frame's data, chunked if need be; trailers are dropped (as hyper does unless the
-/// client asked for them). Returns the data's length.
-fn data(out: &mut Vec<u8>, framing: Framing, frame: Frame<Bytes>) -> u64 {
-    let Ok(data) = frame.into_data() else {
-        return 0;
-    };
-    if data.is_empty() {
-        return 0;
-    }
-    if framing == Framing::Chunked {
-        chunk_size(out, data.len());
-        out.extend_from_slice(&data);
-        out.extend_from_slice(b"\r\n");
-    } else {
-        out.extend_from_slice(&data);
-    }
-    data.len() as u64
 }
 
 /// A chunk's size line: the size in hex.
@@ -362,15 +371,30 @@ mod tests {
         );
     }
 
-    #[test]
-    fn chunks_are_sized_in_hex_and_trailers_dropped() {
-        let mut out = Vec::new();
-        let data = Frame::data(Bytes::from(vec![b'z'; 26]));
-        assert_eq!(super::data(&mut out, Framing::Chunked, data), 26);
+    #[tokio::test]
+    async fn chunks_are_sized_in_hex_trailers_dropped_and_large_data_sent_uncopied() {
+        let (mut wire, mut out) = (Vec::new(), Vec::new());
+        let small = (0, Frame::data(Bytes::from(vec![b'z'; 26])));
+        let sent = put(&mut wire, &mut out, Framing::Chunked, small).await;
+        assert_eq!(sent.expect("kept"), 26);
+        assert!(wire.is_empty(), "kept to go with what follows");
+        let trailers = (26, Frame::trailers(HeaderMap::new()));
+        let sent = put(&mut wire, &mut out, Framing::Chunked, trailers).await;
+        assert_eq!(sent.expect("dropped"), 26);
         assert_eq!(out, [&b"1a\r\n"[..], &[b'z'; 26], b"\r\n"].concat());
-        let trailers = Frame::trailers(HeaderMap::new());
-        assert_eq!(super::data(&mut out, Framing::Chunked, trailers), 0);
-        assert_eq!(out.len(), 32);
+        let big = vec![b'y'; WITH_HEAD + 1];
+        let frame = (26, Frame::data(Bytes::from(big.clone())));
+        let sent = put(&mut wire, &mut out, Framing::Chunked, frame).await;
+        assert_eq!(sent.expect("sent"), 26 + big.len() as u64);
+        let chunk = [&b"1a\r\n"[..], &[b'z'; 26], b"\r\n4001\r\n", &big, b"\r\n"].concat();
+        assert_eq!(wire, chunk, "what was kept went first, in the same write");
+        assert!(out.is_empty());
+        let over = (2, Frame::data(Bytes::from_static(b"ab")));
+        let sent = put(&mut wire, &mut out, Framing::Length(3), over).await;
+        assert!(
+            sent.is_err(),
+            "more than the length is refused before it is written"
+        );
         for (n, line) in [
             (0, "0\r\n"),
             (15, "f\r\n"),
