@@ -62,12 +62,24 @@ pub async fn write<W: AsyncWrite + Unpin>(
         io.write_all(out).await?;
         return Ok(!close);
     }
+    send_body(io, &mut body, framing, out)
+        .await
+        .map(|()| !close)
+}
+
+/// The body, after the head `out` holds: its first frame, if it is already there, goes with the
+/// head.
+async fn send_body<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    body: &mut ProxyBody,
+    framing: Framing,
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
     let mut sent = 0;
-    // The first frame, if it is already there, goes with the head.
-    if let Poll::Ready(frame) = poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await
+    if let Poll::Ready(frame) = poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await
     {
         let Some(frame) = frame.transpose().map_err(io::Error::other)? else {
-            return finish(io, out, framing, sent).await.map(|()| !close);
+            return finish(io, out, framing, sent).await;
         };
         sent = put(io, out, framing, (sent, frame)).await?;
     }
@@ -76,7 +88,7 @@ pub async fn write<W: AsyncWrite + Unpin>(
         out.clear();
     }
     while !body.is_end_stream() {
-        let polled = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        let polled = poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await;
         let Some(frame) = polled.transpose().map_err(io::Error::other)? else {
             break;
         };
@@ -86,7 +98,7 @@ pub async fn write<W: AsyncWrite + Unpin>(
             out.clear();
         }
     }
-    finish(io, out, framing, sent).await.map(|()| !close)
+    finish(io, out, framing, sent).await
 }
 
 /// Puts a frame's data behind what `out` holds, framed; `sent` before and after. Small data is
@@ -211,15 +223,7 @@ fn head(
     facts: &Facts<'_>,
     add_close: bool,
 ) {
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
-    // As hyper's server writes it: the backend's own reason if it was not the usual one.
-    match reason {
-        Some(reason) => out.extend_from_slice(reason.as_bytes()),
-        None => out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes()),
-    }
-    out.extend_from_slice(b"\r\n");
+    status_line(out, status, reason);
     for (name, value) in headers {
         if name == TRANSFER_ENCODING || (name == CONTENT_LENGTH && framing == Framing::Chunked) {
             continue;
@@ -242,6 +246,18 @@ fn head(
     }
     if !facts.date {
         DATE_NOW.with(|d| line(out, b"date", &now(d)));
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// As hyper's server writes it: the backend's own reason if it was not the usual one.
+fn status_line(out: &mut Vec<u8>, status: StatusCode, reason: Option<&ReasonPhrase>) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    match reason {
+        Some(reason) => out.extend_from_slice(reason.as_bytes()),
+        None => out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes()),
     }
     out.extend_from_slice(b"\r\n");
 }
