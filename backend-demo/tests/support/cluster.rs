@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -16,18 +17,21 @@ pub struct Node {
     pub addr: SocketAddr,
     args: Vec<String>,
     child: Child,
+    /// Its stderr, one file per start: removed with the node unless the test failed.
+    logs: Vec<PathBuf>,
 }
 
 impl Node {
     /// Starts a node on any free port; `args` are extra command-line arguments.
     pub fn start(id: &str, args: &[&str]) -> Self {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let (child, addr) = spawn(id, "127.0.0.1:0", &args);
+        let (child, addr, log) = spawn(id, "127.0.0.1:0", &args);
         Self {
             id: id.to_string(),
             addr,
             args,
             child,
+            logs: vec![log],
         }
     }
 
@@ -45,11 +49,12 @@ impl Node {
     /// an in-process proxy on the test's runtime keeps serving meanwhile.
     pub async fn restart(&mut self) {
         let (id, listen, args) = (self.id.clone(), self.addr.to_string(), self.args.clone());
-        let (child, addr) = tokio::task::spawn_blocking(move || spawn(&id, &listen, &args))
+        let (child, addr, log) = tokio::task::spawn_blocking(move || spawn(&id, &listen, &args))
             .await
             .unwrap();
         assert_eq!(addr, self.addr);
         self.child = child;
+        self.logs.push(log);
     }
 
     /// Waits for the process to exit; true if it exited cleanly.
@@ -72,10 +77,18 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.child.kill().ok();
         self.child.wait().ok();
+        // A failed test keeps the logs it names; a passing one leaves nothing behind.
+        if !std::thread::panicking() {
+            for log in &self.logs {
+                if let Err(e) = std::fs::remove_file(log) {
+                    eprintln!("cannot remove {}: {e}", log.display());
+                }
+            }
+        }
     }
 }
 
-fn spawn(id: &str, listen: &str, args: &[String]) -> (Child, SocketAddr) {
+fn spawn(id: &str, listen: &str, args: &[String]) -> (Child, SocketAddr, PathBuf) {
     let tag = &backend_demo::session::new_id()[..8];
     let log = std::env::temp_dir().join(format!(
         "backend-demo-{id}-{}-{tag}.log",
@@ -95,7 +108,7 @@ fn spawn(id: &str, listen: &str, args: &[String]) -> (Child, SocketAddr) {
     let addr = line.trim().rsplit(' ').next().and_then(|a| a.parse().ok());
     let addr =
         addr.unwrap_or_else(|| panic!("node {id} did not start: {line:?}; log: {}", log.display()));
-    (child, addr)
+    (child, addr, log)
 }
 
 /// Heartbeats fast enough that tests wait milliseconds, not seconds.
