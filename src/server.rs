@@ -393,7 +393,7 @@ impl Conn {
 
 /// What a quiet connection's timer decides when it fires.
 #[derive(Debug, PartialEq, Eq)]
-enum Verdict {
+pub(crate) enum Verdict {
     /// A request head begun and not finished in time (slowloris): dropped at once, since a
     /// graceful close would wait for the rest of the head.
     Abort,
@@ -402,8 +402,9 @@ enum Verdict {
     CheckAt(Instant),
 }
 
-/// The parking and idling rules of one hyper connection, apart from the timer that runs them.
-struct Quiet {
+/// The parking and idling rules of one HTTP/1 connection (hyper's or the lane's), apart from the
+/// timer that runs them.
+pub(crate) struct Quiet {
     /// Requests the watch had seen when this hyper connection started.
     served: u64,
     /// A connection found holding part of a head is not looked at again before this.
@@ -414,15 +415,15 @@ struct Quiet {
 }
 
 /// The connection as its timer finds it.
-struct Seen {
-    now: Instant,
+pub(crate) struct Seen {
+    pub(crate) now: Instant,
     /// When the last request ended; None while one is in flight.
-    idle_since: Option<Instant>,
+    pub(crate) idle_since: Option<Instant>,
     /// The framing watch has stopped following the stream (HTTP/2, a tunnel).
-    lost: bool,
-    served: u64,
+    pub(crate) lost: bool,
+    pub(crate) served: u64,
     /// No byte of a next request has been read.
-    at_rest: bool,
+    pub(crate) at_rest: bool,
 }
 
 impl Seen {
@@ -438,10 +439,24 @@ impl Seen {
 }
 
 impl Quiet {
+    /// Rules for a connection that has served no request yet, from now.
+    pub(crate) fn new(park_after: Duration, idle: Duration) -> Self {
+        Self::new_at(park_after, idle, Instant::now())
+    }
+
+    pub(crate) fn new_at(park_after: Duration, idle: Duration, now: Instant) -> Self {
+        Self {
+            served: 0,
+            not_before: now,
+            park_after,
+            idle,
+        }
+    }
+
     /// Closes a connection idle for `idle` (aborts it if part of a head has come, since `idle`
     /// is also the time a client has for its head); parks one quiet for `park_after` that has
     /// served a request and holds no unread byte; otherwise says when to look again.
-    fn check(&mut self, seen: Seen) -> Verdict {
+    pub(crate) fn check(&mut self, seen: Seen) -> Verdict {
         let Some(since) = seen.idle_since else {
             return Verdict::CheckAt(seen.now + self.park_after.min(self.idle));
         };

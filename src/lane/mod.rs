@@ -21,6 +21,7 @@ use tokio::time::{Instant, Sleep};
 use crate::activity::Activity;
 use crate::headers::Peer;
 use crate::proxy::Proxy;
+use crate::server::{Quiet, Seen, Verdict};
 use crate::woken::Woken;
 use request::{Head, Read};
 use response::Asked;
@@ -56,40 +57,23 @@ pub struct Lane<'a> {
 /// The connection's one timer, and the buffer responses are written from.
 struct Waiting {
     check: Pin<Box<Sleep>>,
+    /// The rules the timer applies: the same as for a hyper connection.
+    quiet: Quiet,
     timer: Woken,
     signal: Woken,
     out: Vec<u8>,
 }
 
-/// The timer's verdict on a connection waiting for a head.
-#[derive(Debug, PartialEq, Eq)]
-enum Verdict {
-    /// Idle past the limit, or a head begun and not finished within it.
-    Close,
-    /// Quiet with nothing of a head read.
-    Park,
-    CheckAt(Instant),
-}
-
-/// Closes `idle` after `since`; parks `park_after` after it if nothing of a head is read, else
-/// looks again a park period later.
-fn verdict(now: Instant, since: Instant, limits: (Duration, Duration), empty: bool) -> Verdict {
-    let (idle, park_after) = limits;
-    let close_at = since + idle;
-    if now >= close_at {
-        return Verdict::Close;
+/// What the connection's timer finds: nothing is under way while the lane waits for a head, and
+/// its buffer is empty only once a request was taken from it (so one was served).
+fn seen(now: Instant, idle_since: Option<Instant>, empty: bool) -> Seen {
+    Seen {
+        now,
+        idle_since,
+        lost: false,
+        served: 1,
+        at_rest: empty,
     }
-    let park_at = since + park_after;
-    if park_at >= close_at {
-        return Verdict::CheckAt(close_at);
-    }
-    if !empty {
-        return Verdict::CheckAt((now + park_after).min(close_at));
-    }
-    if now >= park_at {
-        return Verdict::Park;
-    }
-    Verdict::CheckAt(park_at)
 }
 
 /// A wait for the next head ended.
@@ -111,6 +95,7 @@ impl Lane<'_> {
         let wake = Instant::now() + self.park_after.min(self.idle);
         let mut waiting = Waiting {
             check: Box::pin(tokio::time::sleep_until(wake)),
+            quiet: Quiet::new(self.park_after, self.idle),
             timer: Woken::new(),
             signal: Woken::new(),
             out: Vec::new(),
@@ -224,11 +209,9 @@ impl Lane<'_> {
                 },
                 _ = waiting.signal.guard(stop) => return Some(Next::Closed),
                 () = waiting.timer.guard(waiting.check.as_mut()) => {
-                    // Nothing is under way while the lane waits for a head.
-                    let since = self.activity.idle_since().unwrap_or_else(Instant::now);
-                    let limits = (self.idle, self.park_after);
-                    match verdict(Instant::now(), since, limits, buf.is_empty()) {
-                        Verdict::Close => return Some(Next::Closed),
+                    let found = seen(Instant::now(), self.activity.idle_since(), buf.is_empty());
+                    match waiting.quiet.check(found) {
+                        Verdict::Abort | Verdict::Close => return Some(Next::Closed),
                         Verdict::Park => return Some(Next::Park),
                         Verdict::CheckAt(at) => waiting.check.as_mut().reset(at),
                     }
@@ -290,25 +273,22 @@ mod tests {
             ),
             ("idle past the limit: close", 10_000, true, Verdict::Close),
             (
-                "a head begun and not done in time: close",
+                "a head begun and not done in time: dropped",
                 10_500,
                 false,
-                Verdict::Close,
+                Verdict::Abort,
             ),
         ];
+        let look = |limits: (Duration, Duration), now: u32, empty: bool| {
+            let (idle, park_after) = limits;
+            Quiet::new_at(park_after, idle, t0).check(seen(at(now), Some(t0), empty))
+        };
         for (what, now, empty, verdict) in table {
-            assert_eq!(
-                super::verdict(at(now), t0, limits, empty),
-                verdict,
-                "{what}"
-            );
+            assert_eq!(look(limits, now, empty), verdict, "{what}");
         }
-        let late = super::verdict(at(9500), t0, limits, false);
+        let late = look(limits, 9500, false);
         assert_eq!(late, Verdict::CheckAt(at(10_000)), "never past the close");
         let never_parks = (1000 * MS, 1000 * MS);
-        assert_eq!(
-            super::verdict(at(500), t0, never_parks, true),
-            Verdict::CheckAt(at(1000))
-        );
+        assert_eq!(look(never_parks, 500, true), Verdict::CheckAt(at(1000)));
     }
 }

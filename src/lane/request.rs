@@ -106,13 +106,14 @@ fn lane_header(h: &httparse::Header<'_>) -> Result<bool, ()> {
     if !is("connection") {
         return Ok(false);
     }
+    // A line that is not text is validate's to refuse, on hyper's path.
+    let line = std::str::from_utf8(h.value).map_err(|_| ())?;
     let mut close = false;
-    for token in h.value.split(|&b| b == b',') {
-        let token = token.trim_ascii();
-        if token.eq_ignore_ascii_case(b"upgrade") {
+    for token in crate::headers::tokens(line) {
+        if token.eq_ignore_ascii_case("upgrade") {
             return Err(());
         }
-        close |= token.eq_ignore_ascii_case(b"close");
+        close |= token.eq_ignore_ascii_case("close");
     }
     Ok(close)
 }
