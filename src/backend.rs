@@ -60,6 +60,8 @@ pub struct Backend {
     pub(crate) meters: std::sync::OnceLock<crate::metrics::BackendMeters>,
     /// Idle keep-alive connections to this backend's address.
     pub(crate) pool: Arc<crate::upstream::Pool>,
+    /// Idle connections for the lane's requests, which go without hyper's client.
+    pub(crate) wire: Arc<crate::wire::Pool>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -89,6 +91,7 @@ impl Backend {
             pinned: PinnedWindow::default(),
             meters: std::sync::OnceLock::new(),
             pool: Arc::default(),
+            wire: Arc::default(),
         })
     }
 

@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 
 use crate::backend::InFlight;
 use crate::upstream::Lease;
+use crate::wire::body::WireBody;
 
 type Slot = Arc<Mutex<Option<Incoming>>>;
 
@@ -164,6 +165,8 @@ pub enum ProxyBody {
     /// Keeps the backend's in-flight count up until the body is fully sent or dropped, and
     /// gives the connection back for reuse once the body has been read whole.
     Upstream(Incoming, InFlight, Option<Lease>),
+    /// A body read off the wire (the lane's requests); it holds its connection.
+    Wire(WireBody, InFlight),
     Local(Full<Bytes>),
 }
 
@@ -193,18 +196,19 @@ fn release_at_end(ended: bool, body: &Incoming, lease: &mut Option<Lease>) {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             Self::Upstream(body, _, lease) => {
                 let polled = Pin::new(&mut *body).poll_frame(cx);
                 release_at_end(matches!(polled, Poll::Ready(None)), body, lease);
-                polled
+                polled.map_err(Into::into)
             }
+            Self::Wire(body, _) => Pin::new(body).poll_frame(cx).map_err(Into::into),
             Self::Local(full) => Pin::new(full)
                 .poll_frame(cx)
                 .map_err(|never| match never {}),
@@ -214,6 +218,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Upstream(body, ..) => body.is_end_stream(),
+            Self::Wire(body, _) => body.is_end_stream(),
             Self::Local(full) => full.is_end_stream(),
         }
     }
@@ -221,6 +226,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Upstream(body, ..) => body.size_hint(),
+            Self::Wire(body, _) => body.size_hint(),
             Self::Local(full) => full.size_hint(),
         }
     }

@@ -341,7 +341,8 @@ pub fn content_length(value: &[u8]) -> Option<u64> {
     text.parse().ok()
 }
 
-fn last_coding_is_chunked(value: &[u8]) -> bool {
+/// Whether `chunked` is the last coding a `Transfer-Encoding` line names.
+pub(crate) fn last_coding_is_chunked(value: &[u8]) -> bool {
     let text = String::from_utf8_lossy(value);
     text.rsplit(',')
         .next()
@@ -367,16 +368,20 @@ fn parse_chunk_size(buf: &[u8]) -> Result<Option<Element>, ()> {
 
 /// The trailer section after the last chunk ends with an empty line.
 fn parse_trailers(buf: &[u8]) -> Option<Element> {
-    let len = if buf.starts_with(b"\r\n") {
-        2
-    } else {
-        buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4
-    };
     Some(Element {
-        len,
+        len: trailer_section_len(buf)?,
         next: State::Head,
         ambiguous: false,
     })
+}
+
+/// The length of the trailer section at the start of `buf` (after the last chunk), through the
+/// empty line that ends it; None while that line is not there.
+pub(crate) fn trailer_section_len(buf: &[u8]) -> Option<usize> {
+    if buf.starts_with(b"\r\n") {
+        return Some(2);
+    }
+    Some(buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4)
 }
 
 #[cfg(test)]

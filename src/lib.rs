@@ -10,7 +10,9 @@
 //! - [`health`]: the pure rise/fall state machine.
 //! - [`heartbeat`]: probe tasks that feed the health machine.
 //! - [`proxy`]: the forwarding loop: candidates in order, bounded attempts, re-pin on failover.
+//! - [`transport`]: how an attempt reaches a backend (one trait): hyper's client, or the wire.
 //! - [`upstream`]: connections to backends: a keep-alive pool per backend, idle ones closed.
+//! - [`wire`]: the lane's requests sent and answered without hyper's client (httparse, RFC 9112).
 //! - [`headers`]: hop-by-hop removal and the forwarding headers (trusted proxies, `Forwarded`).
 //! - [`framing`]: follows HTTP/1 framing on the raw stream to spot heads hyper normalises.
 //! - [`validate`]: refuses ambiguous or hostile requests before anything is forwarded.
@@ -56,9 +58,11 @@ pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod tls;
+pub mod transport;
 pub mod tunnel;
 pub mod upstream;
 pub mod validate;
+pub mod wire;
 pub mod woken;
 
 use std::future::Future;

@@ -3,24 +3,24 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use http::header::{CONTENT_LENGTH, COOKIE, SET_COOKIE, UPGRADE};
+use http::header::{CONTENT_LENGTH, COOKIE};
 use http::request::Parts;
-use http::uri::PathAndQuery;
-use http::{HeaderValue, Method, Request, Response, Uri, Version};
+use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 
 use crate::affinity;
 use crate::backend::Mode;
-use crate::body::{BodyTooLarge, ProxyBody, Replayable, UpstreamBody};
+use crate::body::{BodyTooLarge, ProxyBody, Replayable};
 use crate::error::{chain, ProxyError};
-use crate::headers::{self, FAILOVER};
+use crate::headers;
 use crate::metrics::Metrics;
 use crate::routing::{Member, Pin, Routing};
-use crate::upstream::{Lease, Upstream, UpstreamError};
+use crate::transport::{self, Attempt, Hyper, Transport, Wire};
+use crate::upstream::{Upstream, UpstreamError};
 
 /// How the affinity cookie was honoured, for the access log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,7 +87,8 @@ impl Proxy {
         proto: &'static str,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let (parts, body) = req.into_parts();
-        Ok(self.exchange(parts, Some(body), peer, proto).await)
+        let hyper = Hyper(&self.client);
+        Ok(self.exchange(hyper, parts, Some(body), peer, proto).await)
     }
 
     /// Serves a request that has no body (the lane's), as [`Proxy::handle`] does.
@@ -97,11 +98,13 @@ impl Proxy {
         peer: &headers::Peer,
         proto: &'static str,
     ) -> Response<ProxyBody> {
-        self.exchange(parts, None, peer, proto).await
+        self.exchange(Wire(&self.client), parts, None, peer, proto)
+            .await
     }
 
-    async fn exchange(
+    async fn exchange<T: Transport>(
         &self,
+        transport: T,
         parts: Parts,
         body: Option<Incoming>,
         peer: &headers::Peer,
@@ -120,7 +123,8 @@ impl Proxy {
             proto,
             forwarding: &routing.forwarding,
         };
-        let resp = match self.forward(&routing, parts, body, &hop, &mut ex).await {
+        let forwarded = self.forward(&transport, &routing, (parts, body), &hop, &mut ex);
+        let resp = match forwarded.await {
             Ok(resp) => resp,
             Err(e) => {
                 tracing::warn!(method = %method, path = uri.path(), error = %chain(&e), "request failed");
@@ -143,11 +147,11 @@ impl Proxy {
         resp
     }
 
-    async fn forward(
+    async fn forward<T: Transport>(
         &self,
+        transport: &T,
         routing: &Routing,
-        parts: Parts,
-        body: Option<Incoming>,
+        (parts, body): (Parts, Option<Incoming>),
         hop: &headers::Hop<'_>,
         ex: &mut Exchange,
     ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -161,20 +165,21 @@ impl Proxy {
             let backend = &member.backend;
             ex.backend = Some(Arc::clone(backend));
             let from = moved_from(routing, &out.pin, hit);
-            let request = || upstream_request(&out.parts, from, out.body.attempt());
             let guard = backend.start_request(hit.then_some(out.now));
             let (sent, timeout) = (Instant::now(), routing.timeouts.backend_response);
-            let deadline = tokio::time::Instant::from_std(sent) + timeout;
-            let exchange = self
-                .client
-                .send(&backend.pool, &backend.address, request, deadline);
-            let err = match exchange.await {
-                Ok((resp, lease)) => {
+            let attempt = Attempt {
+                parts: &out.parts,
+                body: &out.body,
+                from,
+                deadline: tokio::time::Instant::from_std(sent) + timeout,
+            };
+            let err = match transport.send(backend, attempt).await {
+                Ok(resp) => {
                     self.metrics.upstream_latency(backend, sent.elapsed());
                     if let Some(old) = from {
                         self.audit(routing, &out.parts, old, member, reason);
                     }
-                    return out.relay(routing, idx, hit, resp, guard, lease);
+                    return out.relay::<T>(routing, (idx, hit), resp, guard);
                 }
                 Err(e) if e.is_late() => return Err(ProxyError::Timeout(timeout)),
                 Err(e) => e,
@@ -281,26 +286,26 @@ impl Outgoing {
 
     /// Candidate `idx`'s response, relayed, or switched to a tunnel for an upgrade. It pins the
     /// client there unless the pin already said so and is fresh.
-    fn relay(
+    fn relay<T: Transport>(
         &mut self,
         routing: &Routing,
-        idx: usize,
-        hit: bool,
-        resp: Response<Incoming>,
+        (idx, hit): (usize, bool),
+        resp: Response<T::Body>,
         guard: crate::backend::InFlight,
-        lease: Lease,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let renew = matches!(self.pin, Pin::Member { renew: true, .. });
         let pin_here = (!hit || renew).then(|| routing.set_cookie(idx, self.now));
-        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        let mut resp = if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
             let client = self
                 .client_upgrade
                 .take()
                 .ok_or(ProxyError::UnaskedSwitch)?;
-            let idle = routing.timeouts.tunnel_idle;
-            return Ok(switch(resp, guard, pin_here, client, idle));
-        }
-        Ok(respond(resp, guard, lease, pin_here))
+            T::switch(resp, guard, client, routing.timeouts.tunnel_idle)?
+        } else {
+            T::respond(resp, guard)
+        };
+        transport::pin(&mut resp, pin_here);
+        Ok(resp)
     }
 
     /// Whether the request may go to the next candidate after `err`.
@@ -375,71 +380,4 @@ fn is_idempotent(m: &Method) -> bool {
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     )
-}
-
-/// The request for one attempt, in origin form (`/path?query`): the connection already goes to
-/// the backend, and `Host` is the client's.
-fn upstream_request(
-    parts: &Parts,
-    from: Option<&str>,
-    body: UpstreamBody,
-) -> Request<UpstreamBody> {
-    let path = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let mut req = Request::new(body);
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = Uri::from(path);
-    *req.version_mut() = Version::HTTP_11;
-    *req.headers_mut() = parts.headers.clone();
-    if let Some(old) = from {
-        // Ids are validated as header-safe characters.
-        if let Ok(v) = HeaderValue::from_str(old) {
-            req.headers_mut().insert(FAILOVER, v);
-        }
-    }
-    req
-}
-
-/// Answers 101 to the client and relays the two upgraded connections in their own task, which
-/// keeps the backend's in-flight count up while the tunnel lives.
-fn switch(
-    mut resp: Response<Incoming>,
-    guard: crate::backend::InFlight,
-    set_cookie: Option<HeaderValue>,
-    client: OnUpgrade,
-    idle: Duration,
-) -> Response<ProxyBody> {
-    let upstream = hyper::upgrade::on(&mut resp);
-    let (mut parts, _empty) = resp.into_parts();
-    let protocol = parts.headers.get(UPGRADE).cloned();
-    headers::remove_hop_by_hop(&mut parts.headers);
-    if let Some(protocol) = protocol {
-        headers::keep_upgrade(&mut parts.headers, protocol);
-    }
-    if let Some(value) = set_cookie {
-        parts.headers.append(SET_COOKIE, value);
-    }
-    tokio::spawn(async move {
-        let backend = guard.backend_id().to_string();
-        crate::tunnel::relay(client, upstream, idle, backend).await;
-        drop(guard);
-    });
-    Response::from_parts(parts, ProxyBody::local(""))
-}
-
-fn respond(
-    resp: Response<Incoming>,
-    guard: crate::backend::InFlight,
-    lease: Lease,
-    set_cookie: Option<HeaderValue>,
-) -> Response<ProxyBody> {
-    let (mut parts, body) = resp.into_parts();
-    headers::remove_hop_by_hop(&mut parts.headers);
-    if let Some(value) = set_cookie {
-        parts.headers.append(SET_COOKIE, value);
-    }
-    Response::from_parts(parts, ProxyBody::upstream(body, guard, lease))
 }

@@ -38,6 +38,10 @@ pub enum UpstreamError {
     Late,
     #[error("a new connection closed before the request was written")]
     Unsent,
+    #[error("upstream exchange failed")]
+    Wire(#[source] std::io::Error),
+    #[error("upstream response malformed")]
+    Malformed(#[source] crate::wire::head::Malformed),
 }
 
 impl UpstreamError {
@@ -243,7 +247,7 @@ impl Upstream {
 
     /// A TCP connection to `address` within the connect timeout, or by `deadline` if that comes
     /// first (then the error says the request ran out of time, not the connect).
-    async fn dial(
+    pub(crate) async fn dial(
         &self,
         address: &Authority,
         deadline: Instant,

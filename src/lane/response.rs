@@ -22,7 +22,7 @@ use crate::headers::tokens;
 
 /// Body data up to this size is copied behind the head (or a chunk's size line) and sent with
 /// it; larger data is sent as it is.
-const WITH_HEAD: usize = 16 * 1024;
+const WITH_HEAD: usize = 4 * 1024;
 
 /// What the request says about writing its response.
 #[derive(Debug, Clone, Copy)]
@@ -102,9 +102,9 @@ async fn send_body<W: AsyncWrite + Unpin>(
 }
 
 /// Puts a frame's data behind what `out` holds, framed; `sent` before and after. Small data is
-/// copied into `out`, to go with what is there; large data is sent at once with `out`, in one
-/// vectored write, never copied. Trailers are dropped, as hyper does for a client that did not
-/// ask for them.
+/// copied into `out`, to go with what is there (the head); large data, or data with nothing to
+/// go with, is sent at once, in one vectored write with what `out` holds, never copied. Trailers
+/// are dropped, as hyper does for a client that did not ask for them.
 async fn put<W: AsyncWrite + Unpin>(
     io: &mut W,
     out: &mut Vec<u8>,
@@ -121,12 +121,12 @@ async fn put<W: AsyncWrite + Unpin>(
     if data.is_empty() {
         return Ok(total);
     }
-    let chunked = framing == Framing::Chunked;
+    let (chunked, alone) = (framing == Framing::Chunked, out.is_empty());
     if chunked {
         chunk_size(out, data.len());
     }
     let tail: &[u8] = if chunked { b"\r\n" } else { b"" };
-    if data.len() > WITH_HEAD {
+    if alone || data.len() > WITH_HEAD {
         io.write_all_buf(&mut (&out[..]).chain(data).chain(tail))
             .await?;
         out.clear();
@@ -262,7 +262,8 @@ fn status_line(out: &mut Vec<u8>, status: StatusCode, reason: Option<&ReasonPhra
     out.extend_from_slice(b"\r\n");
 }
 
-fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+/// One header line, as the lane and the wire write them.
+pub(crate) fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
@@ -389,21 +390,32 @@ mod tests {
 
     #[tokio::test]
     async fn chunks_are_sized_in_hex_trailers_dropped_and_large_data_sent_uncopied() {
-        let (mut wire, mut out) = (Vec::new(), Vec::new());
+        let (mut wire, mut out) = (Vec::new(), b"head;".to_vec());
         let small = (0, Frame::data(Bytes::from(vec![b'z'; 26])));
         let sent = put(&mut wire, &mut out, Framing::Chunked, small).await;
         assert_eq!(sent.expect("kept"), 26);
-        assert!(wire.is_empty(), "kept to go with what follows");
+        assert!(wire.is_empty(), "kept to go with the head");
         let trailers = (26, Frame::trailers(HeaderMap::new()));
         let sent = put(&mut wire, &mut out, Framing::Chunked, trailers).await;
         assert_eq!(sent.expect("dropped"), 26);
-        assert_eq!(out, [&b"1a\r\n"[..], &[b'z'; 26], b"\r\n"].concat());
+        let kept = [&b"head;1a\r\n"[..], &[b'z'; 26], b"\r\n"].concat();
+        assert_eq!(out, kept);
         let big = vec![b'y'; WITH_HEAD + 1];
         let frame = (26, Frame::data(Bytes::from(big.clone())));
         let sent = put(&mut wire, &mut out, Framing::Chunked, frame).await;
         assert_eq!(sent.expect("sent"), 26 + big.len() as u64);
-        let chunk = [&b"1a\r\n"[..], &[b'z'; 26], b"\r\n4001\r\n", &big, b"\r\n"].concat();
+        let size = format!("{:x}\r\n", big.len());
+        let chunk = [&kept[..], size.as_bytes(), &big, b"\r\n"].concat();
         assert_eq!(wire, chunk, "what was kept went first, in the same write");
+        assert!(out.is_empty());
+        let alone = (0, Frame::data(Bytes::from_static(b"abc")));
+        put(&mut wire, &mut out, Framing::Chunked, alone)
+            .await
+            .expect("sent");
+        assert!(
+            wire.ends_with(b"3\r\nabc\r\n"),
+            "nothing to go with: sent at once"
+        );
         assert!(out.is_empty());
         let over = (2, Frame::data(Bytes::from_static(b"ab")));
         let sent = put(&mut wire, &mut out, Framing::Length(3), over).await;

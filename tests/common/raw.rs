@@ -58,6 +58,15 @@ impl RawBackend {
 
     /// A backend that answers every request with `reply`, as it is.
     pub async fn answering(reply: &'static [u8]) -> Self {
+        Self::serving(reply, false).await
+    }
+
+    /// A backend that answers a connection's first request with `reply`, then closes it.
+    pub async fn closing(reply: &'static [u8]) -> Self {
+        Self::serving(reply, true).await
+    }
+
+    async fn serving(reply: &'static [u8], close: bool) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let conns = Arc::new(Mutex::new(Vec::new()));
@@ -69,7 +78,7 @@ impl RawBackend {
                     c.push(Capture::default());
                     c.len() - 1
                 };
-                tokio::spawn(serve(stream, index, Arc::clone(&shared), reply));
+                tokio::spawn(serve(stream, index, Arc::clone(&shared), (reply, close)));
             }
         });
         Self { addr, conns, task }
@@ -111,12 +120,12 @@ async fn serve(
     mut stream: TcpStream,
     index: usize,
     conns: Arc<Mutex<Vec<Capture>>>,
-    reply: &'static [u8],
+    (reply, close): (&'static [u8], bool),
 ) {
     let (mut pending, mut buf) = (Vec::new(), vec![0u8; 64 * 1024]);
-    loop {
+    'conn: loop {
         let n = match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
+            Ok(0) | Err(_) => break 'conn,
             Ok(n) => n,
         };
         pending.extend_from_slice(&buf[..n]);
@@ -126,8 +135,8 @@ async fn serve(
         while let Some((path, len)) = complete_request(&pending) {
             let request: Vec<u8> = pending.drain(..len).collect();
             conns.lock().unwrap()[index].requests.push((path, request));
-            if stream.write_all(reply).await.is_err() {
-                break;
+            if stream.write_all(reply).await.is_err() || close {
+                break 'conn;
             }
         }
     }

@@ -1,0 +1,334 @@
+//! The wire: the lane's requests (no body, no upgrade) go to backends without hyper's client. The
+//! request head is written from the prepared parts in one write, the response head is read with
+//! httparse into the buffer the body is then read from, and the body is framed as RFC 9112 says
+//! (`body`). hyper's client, on the pooled connection's own task, cost about 12,800 of the
+//! proxy's 31,000 instructions per request (README, Performance); here the exchange runs on the
+//! client's task, with no channel, no task wake-up and no second parse of the head.
+//!
+//! Each backend keeps a stack of idle wire connections beside hyper's ([`Pool`]). No task
+//! watches an idle one: one idle longer than `timeouts.backend_idle` is closed the next time the
+//! pool is used, and one the backend closed is seen closed from the readiness tokio already
+//! holds for it (no system call), so a request is not sent into it.
+
+pub mod body;
+pub mod head;
+
+use std::future::{poll_fn, Future};
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{ready, Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use http::request::Parts;
+use http::uri::Authority;
+use http::{Method, Response};
+use tokio::io::{AsyncWriteExt, Interest};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::upstream::{Upstream, UpstreamError};
+use body::WireBody;
+use head::Head;
+
+/// Room made in a connection's buffer before a read, at first; a read that fills it doubles it
+/// for the next (up to [`MAX_READ`]), one that fills less than a quarter halves it. A large body
+/// is read in few system calls, and a connection that serves small answers keeps a small buffer.
+const READ_CHUNK: usize = 16 * 1024;
+const MAX_READ: usize = 256 * 1024;
+/// A response head longer than this is refused (502).
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+/// One connection to a backend, with its read buffer and the buffer request heads are written
+/// from; both keep their room from one request to the next.
+#[derive(Debug)]
+pub struct Conn {
+    io: TcpStream,
+    buf: BytesMut,
+    out: Vec<u8>,
+    /// Closed once idle this long (`timeouts.backend_idle`).
+    idle_for: Duration,
+    read_size: usize,
+}
+
+fn next_read_size(size: usize, read: usize, room: usize) -> usize {
+    if read == room {
+        (size * 2).min(MAX_READ)
+    } else if read < size / 4 {
+        (size / 2).max(READ_CHUNK)
+    } else {
+        size
+    }
+}
+
+/// How an exchange on a connection failed.
+enum Failed {
+    /// Nothing of the request went out.
+    Unsent(io::Error),
+    /// The backend closed the connection without a byte of answer.
+    Unanswered,
+    Io(io::Error),
+    Malformed(head::Malformed),
+}
+
+impl Conn {
+    fn new(io: TcpStream, idle_for: Duration) -> Self {
+        Self {
+            io,
+            buf: BytesMut::new(),
+            out: Vec::new(),
+            idle_for,
+            read_size: READ_CHUNK,
+        }
+    }
+
+    /// Whether the backend has closed the connection, as tokio last saw it.
+    fn closed(&self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        let ready = std::pin::pin!(self.io.ready(Interest::READABLE));
+        match ready.poll(&mut cx) {
+            Poll::Ready(Ok(r)) => r.is_read_closed() || r.is_error(),
+            Poll::Ready(Err(_)) => true,
+            Poll::Pending => false,
+        }
+    }
+
+    /// Reads what the backend sent into the buffer; Ok(0) when it closed the connection.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.io.poll_read_ready(cx))?;
+            self.buf.reserve(self.read_size);
+            let room = self.buf.capacity() - self.buf.len();
+            match self.io.try_read_buf(&mut self.buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Ok(n) => {
+                    self.read_size = next_read_size(self.read_size, n, room);
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// Writes the request head `out` holds, then reads the response head.
+    async fn exchange(&mut self, head_request: bool) -> Result<Head, Failed> {
+        self.write_head().await?;
+        loop {
+            match head::read_response(&mut self.buf, head_request, MAX_RESPONSE_HEAD) {
+                Ok(Some(head)) => {
+                    // The answer goes to the client after the other tasks made ready with it
+                    // have run, not at once: relayed at once, the proxy and the backend on one
+                    // core (as bench/run.sh pins them) switched about once per request (0.85
+                    // preemptions against 0.2) and served 0.82x the requests/s of the build
+                    // before the wire; deferred, 1.08x (README, Performance).
+                    tokio::task::yield_now().await;
+                    return Ok(head);
+                }
+                Ok(None) => {}
+                Err(e) => return Err(Failed::Malformed(e)),
+            }
+            match poll_fn(|cx| self.poll_fill(cx)).await {
+                Ok(0) if self.buf.is_empty() => return Err(Failed::Unanswered),
+                Ok(0) => return Err(Failed::Io(io::ErrorKind::UnexpectedEof.into())),
+                Ok(_) => {}
+                Err(e) => return Err(Failed::Io(e)),
+            }
+        }
+    }
+
+    async fn write_head(&mut self) -> Result<(), Failed> {
+        let mut written = 0;
+        while written < self.out.len() {
+            match self.io.write(&self.out[written..]).await {
+                Ok(0) => return Err(Failed::Io(io::ErrorKind::WriteZero.into())),
+                Ok(n) => written += n,
+                Err(e) if written == 0 => return Err(Failed::Unsent(e)),
+                Err(e) => return Err(Failed::Io(e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Idle wire connections to one backend, most recently used last.
+#[derive(Debug, Default)]
+pub struct Pool {
+    idle: Mutex<Stack>,
+}
+
+#[derive(Debug, Default)]
+struct Stack {
+    conns: Vec<Idle>,
+    /// A sweeper task is on its way to the oldest connection's idle limit.
+    swept: bool,
+}
+
+#[derive(Debug)]
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+impl Stack {
+    /// Takes out the connections idle for `idle_for` or more (at the bottom), to be closed once
+    /// the lock is released.
+    fn stale(&mut self, now: Instant, idle_for: Duration) -> Vec<Idle> {
+        let stale = self
+            .conns
+            .iter()
+            .take_while(|c| now >= c.since + idle_for)
+            .count();
+        self.conns.drain(..stale).collect()
+    }
+}
+
+impl Pool {
+    fn lock(&self) -> MutexGuard<'_, Stack> {
+        // A plain stack of connections: a panic elsewhere cannot leave it inconsistent.
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The most recently used connection still open and not idle for `idle_for`.
+    fn checkout(&self, idle_for: Duration) -> Option<Conn> {
+        let mut stack = self.lock();
+        let _closing = stack.stale(Instant::now(), idle_for);
+        while let Some(Idle { conn, .. }) = stack.conns.pop() {
+            if !conn.closed() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Keeps an answered connection for the next request; a sweeper task closes it once it has
+    /// idled for its limit (one task per pool, started when the first connection comes back).
+    fn put(self: &Arc<Self>, conn: Conn) {
+        let idle_for = conn.idle_for;
+        let mut stack = self.lock();
+        stack.conns.push(Idle {
+            conn,
+            since: Instant::now(),
+        });
+        if !std::mem::replace(&mut stack.swept, true) {
+            drop(stack);
+            tokio::spawn(Arc::clone(self).sweep(idle_for));
+        }
+    }
+
+    /// Closes connections as they reach the idle limit; ends when none is left.
+    async fn sweep(self: Arc<Self>, idle_for: Duration) {
+        loop {
+            let (closing, next) = {
+                let mut stack = self.lock();
+                let closing = stack.stale(Instant::now(), idle_for);
+                let next = stack.conns.first().map(|c| c.since + idle_for);
+                stack.swept = next.is_some();
+                (closing, next)
+            };
+            if !closing.is_empty() {
+                tracing::debug!(count = closing.len(), "closing idle upstream connections");
+            }
+            drop(closing);
+            let Some(next) = next else { return };
+            tokio::time::sleep_until(next).await;
+        }
+    }
+
+    /// How many connections wait for a request.
+    pub fn idle(&self) -> usize {
+        self.lock().conns.len()
+    }
+}
+
+/// One attempt's request, as the wire needs it.
+pub struct Request<'a> {
+    pub parts: &'a Parts,
+    /// The backend a failing-over client was pinned to.
+    pub from: Option<&'a str>,
+}
+
+impl Upstream {
+    /// Sends `req` on a pooled wire connection or a new one; its response head is due by
+    /// `deadline`, connecting included. A pooled connection that fails before any of the request
+    /// went out is passed over for the next one; one that takes the request and closes without
+    /// answering fails the attempt, as with hyper's client (the forwarding loop decides whether
+    /// the request may go elsewhere).
+    pub async fn send_wire(
+        &self,
+        pool: &Arc<Pool>,
+        address: &Authority,
+        req: Request<'_>,
+        deadline: Instant,
+    ) -> Result<Response<WireBody>, UpstreamError> {
+        let head_request = req.parts.method == Method::HEAD;
+        loop {
+            let (mut conn, pooled) = match pool.checkout(self.idle_timeout) {
+                Some(conn) => (conn, true),
+                None => {
+                    let io = self.dial(address, deadline).await?;
+                    (Conn::new(io, self.idle_timeout), false)
+                }
+            };
+            head::write_request(&mut conn.out, req.parts, req.from);
+            let failed = match tokio::time::timeout_at(deadline, conn.exchange(head_request)).await
+            {
+                Err(_elapsed) => return Err(UpstreamError::Late),
+                Ok(Ok(head)) => {
+                    let body = WireBody::new(head.framing, conn, Arc::clone(pool), head.reusable);
+                    return Ok(Response::from_parts(head.parts, body));
+                }
+                Ok(Err(failed)) => failed,
+            };
+            match failed {
+                Failed::Unsent(e) if pooled => {
+                    tracing::debug!(error = %e, "pooled upstream connection failed before the request");
+                }
+                Failed::Unsent(_) => return Err(UpstreamError::Unsent),
+                Failed::Unanswered => return Err(UpstreamError::Wire(unanswered())),
+                Failed::Io(e) => return Err(UpstreamError::Wire(e)),
+                Failed::Malformed(e) => return Err(UpstreamError::Malformed(e)),
+            }
+        }
+    }
+}
+
+fn unanswered() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "backend closed the connection without answering",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_grow_when_they_fill_the_room_and_shrink_when_they_use_little() {
+        const K: usize = 1024;
+        let table = [
+            ("filled: doubled", 16 * K, 16 * K, 16 * K, 32 * K),
+            (
+                "filled at the top: kept",
+                MAX_READ,
+                MAX_READ,
+                MAX_READ,
+                MAX_READ,
+            ),
+            ("half used: kept", 64 * K, 32 * K, 64 * K, 64 * K),
+            ("little used: halved", 64 * K, 2 * K, 64 * K, 32 * K),
+            (
+                "little used at the bottom: kept",
+                READ_CHUNK,
+                100,
+                READ_CHUNK,
+                READ_CHUNK,
+            ),
+            // The buffer had more room than asked for: filling what was asked is not full.
+            ("room to spare", 16 * K, 16 * K, 40 * K, 16 * K),
+        ];
+        for (what, size, read, room, next) in table {
+            assert_eq!(next_read_size(size, read, room), next, "{what}");
+        }
+    }
+}
