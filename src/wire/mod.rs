@@ -34,7 +34,7 @@ use head::Head;
 /// Room made in a connection's buffer before a read, at first; a read that fills it doubles it
 /// for the next (up to [`MAX_READ`]), one that fills less than a quarter halves it. A large body
 /// is read in few system calls, and a connection that serves small answers keeps a small buffer.
-const READ_CHUNK: usize = 16 * 1024;
+const READ_CHUNK: usize = 4 * 1024;
 const MAX_READ: usize = 256 * 1024;
 /// A response head longer than this is refused (502).
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -97,7 +97,7 @@ impl Conn {
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         loop {
             ready!(self.io.poll_read_ready(cx))?;
-            self.buf.reserve(self.read_size);
+            self.make_room();
             let room = self.buf.capacity() - self.buf.len();
             match self.io.try_read_buf(&mut self.buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -108,6 +108,19 @@ impl Conn {
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
+    }
+
+    /// Room for the next read: the buffer's own, reclaimed once the data split from it has been
+    /// sent, or a new buffer. Not `reserve`: it grows the allocation the body's data was split
+    /// from, copying everything read into it so far.
+    fn make_room(&mut self) {
+        let want = self.read_size;
+        if self.buf.capacity() - self.buf.len() >= want || self.buf.try_reclaim(want) {
+            return;
+        }
+        let mut fresh = BytesMut::with_capacity(want.max(self.buf.len() * 2));
+        fresh.extend_from_slice(&self.buf);
+        self.buf = fresh;
     }
 
     /// Writes the request head `out` holds, then reads the response head.
@@ -202,7 +215,12 @@ impl Pool {
 
     /// Keeps an answered connection for the next request; a sweeper task closes it once it has
     /// idled for its limit (one task per pool, started when the first connection comes back).
-    fn put(self: &Arc<Self>, conn: Conn) {
+    fn put(self: &Arc<Self>, mut conn: Conn) {
+        // A buffer grown for large bodies is not kept while the connection waits (the read
+        // size it learnt is).
+        if conn.read_size > READ_CHUNK {
+            conn.buf = BytesMut::new();
+        }
         let idle_for = conn.idle_for;
         let mut stack = self.lock();
         stack.conns.push(Idle {
@@ -330,5 +348,22 @@ mod tests {
         for (what, size, read, room, next) in table {
             assert_eq!(next_read_size(size, read, room), next, "{what}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_keeps_no_buffer_grown_for_large_bodies() -> io::Result<()> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let idle_for = Duration::from_secs(60);
+        let pool = Arc::new(Pool::default());
+        for (read_size, kept) in [(READ_CHUNK, READ_CHUNK), (MAX_READ, 0)] {
+            let mut conn = Conn::new(TcpStream::connect(listener.local_addr()?).await?, idle_for);
+            conn.read_size = read_size;
+            conn.buf = BytesMut::with_capacity(read_size);
+            pool.put(conn);
+            let back = pool.checkout(idle_for).expect("the connection is pooled");
+            assert_eq!(back.buf.capacity(), kept, "read size {read_size}");
+            assert_eq!(back.read_size, read_size, "the size learnt is kept");
+        }
+        Ok(())
     }
 }
