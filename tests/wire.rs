@@ -59,7 +59,11 @@ async fn compare(backend: &RawBackend, method: &str, shown: &str) -> (String, St
 
 #[tokio::test]
 async fn every_framing_a_backend_may_use_is_read_as_hyper_reads_it() {
-    let cases: [(&[u8], &str); 7] = [
+    let cases: [(&[u8], &str); 8] = [
+        (
+            b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            "ok",
+        ),
         (
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;x=1\r\nhello\r\n6\r\n world\r\n0\r\nx-t: 1\r\n\r\n",
             "\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
@@ -108,10 +112,12 @@ async fn a_body_until_the_close_is_relayed_whole() {
     );
 }
 
-/// Answers that cannot be relayed are a 502 from both, with the generic body.
+/// Answers that cannot be relayed (a switch nobody asked for among them) are a 502 from both,
+/// with the generic body.
 #[tokio::test]
 async fn broken_answers_are_a_502_from_both() {
-    let cases: [&[u8]; 4] = [
+    let cases: [&[u8]; 5] = [
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
         b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nok",
         b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n",
         b"SSH-2.0-OpenSSH_9.2\r\n\r\n",
