@@ -5,10 +5,10 @@
 //! proxy's 31,000 instructions per request (README, Performance); here the exchange runs on the
 //! client's task, with no channel, no task wake-up and no second parse of the head.
 //!
-//! Each backend keeps a stack of idle wire connections beside hyper's ([`Pool`]). No task
-//! watches an idle one: one idle longer than `timeouts.backend_idle` is closed the next time the
-//! pool is used, and one the backend closed is seen closed from the readiness tokio already
-//! holds for it (no system call), so a request is not sent into it.
+//! Each backend keeps a stack of idle wire connections beside hyper's ([`Pool`]), with no task
+//! per connection: one sweeper task per pool closes those idle for `timeouts.backend_idle`, and
+//! one the backend closed is seen closed from the readiness tokio already holds for it (no
+//! system call), so a request is not sent into it.
 
 pub mod body;
 pub mod head;
@@ -40,7 +40,7 @@ const MAX_READ: usize = 256 * 1024;
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
 /// One connection to a backend, with its read buffer and the buffer request heads are written
-/// from; both keep their room from one request to the next.
+/// from, both kept from one request to the next (a read buffer grown for large bodies is not).
 #[derive(Debug)]
 pub struct Conn {
     io: TcpStream,
