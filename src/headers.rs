@@ -18,7 +18,8 @@ pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// Headers that describe one connection, not the message (RFC 9110 section 7.6.1), and `Upgrade`,
 /// which is put back only for a switch this proxy relays.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
+/// Whether a header is hop-by-hop by its name alone (not counting what `Connection` names).
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     is_hop_by_hop_name(name.as_str())
 }
 

@@ -116,10 +116,9 @@ impl Transport for Wire<'_> {
         sent.await
     }
 
+    /// The wire's response head comes without its hop-by-hop headers (`wire::head`).
     fn respond(resp: Response<WireBody>, guard: InFlight) -> Response<ProxyBody> {
-        let (mut parts, body) = resp.into_parts();
-        headers::remove_hop_by_hop(&mut parts.headers);
-        Response::from_parts(parts, ProxyBody::Wire(body, guard))
+        resp.map(|body| ProxyBody::Wire(body, guard))
     }
 
     /// The wire carries no upgrade (the lane leaves those to hyper).

@@ -59,7 +59,11 @@ async fn compare(backend: &RawBackend, method: &str, shown: &str) -> (String, St
 
 #[tokio::test]
 async fn every_framing_a_backend_may_use_is_read_as_hyper_reads_it() {
-    let cases: [(&[u8], &str); 8] = [
+    let cases: [(&[u8], &str); 9] = [
+        (
+            b"HTTP/1.1 200 OK\r\nconnection: x-private, close\r\nx-private: secret\r\nx-kept: 1\r\ncontent-length: 2\r\n\r\nok",
+            "ok",
+        ),
         (
             b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
             "ok",
@@ -98,6 +102,10 @@ async fn every_framing_a_backend_may_use_is_read_as_hyper_reads_it() {
         assert!(
             !by_wire.contains("keep-alive"),
             "{shown}: hop-by-hop relayed"
+        );
+        assert!(
+            !by_wire.contains("secret"),
+            "{shown}: a header Connection names relayed"
         );
     }
 }

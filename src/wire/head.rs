@@ -12,7 +12,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
 use hyper::ext::ReasonPhrase;
 
 use crate::framing::{content_length, last_coding_is_chunked};
-use crate::headers::{tokens, FAILOVER};
+use crate::headers::{is_hop_by_hop, names_hop_by_hop, remove_hop_by_hop, tokens, FAILOVER};
 use crate::lane::response::line;
 
 /// hyper's client refuses a response with more header lines.
@@ -149,21 +149,64 @@ fn build(
             ReasonPhrase::try_from(bytes.slice_ref(reason)).map_err(|_| Malformed::Invalid)?;
         parts.extensions.insert(phrase);
     }
-    let mut headers = HeaderMap::with_capacity(lines.len());
-    for (name, value) in lines {
-        let name = HeaderName::from_bytes(&bytes[name.clone()]).map_err(|_| Malformed::Invalid)?;
-        let value = HeaderValue::from_maybe_shared(bytes.slice(value.clone()))
-            .map_err(|_| Malformed::Invalid)?;
-        headers.append(name, value);
-    }
+    let (mut headers, connection) = relayed_headers(bytes, lines)?;
     let (framing, mut reusable) = framing(parts.status, &mut headers, head_request)?;
-    reusable &= v11 && !closes(&headers);
+    reusable &= v11 && !connection.close;
+    if connection.names_others {
+        remove_hop_by_hop(&mut headers);
+    }
     parts.headers = headers;
     Ok(Head {
         parts,
         framing,
         reusable,
     })
+}
+
+/// What a response's `Connection` lines say.
+#[derive(Default)]
+struct Connection {
+    close: bool,
+    /// They name headers to drop besides the hop-by-hop ones (or cannot be read).
+    names_others: bool,
+}
+
+/// The headers to relay, the hop-by-hop ones left out as they are met (a removal from the map
+/// costs a lookup each); `Transfer-Encoding` stays for the framing to read. `Connection` lines
+/// that name other headers stay too, for [`remove_hop_by_hop`] to take out with those.
+fn relayed_headers(
+    bytes: &Bytes,
+    lines: &[(Range, Range)],
+) -> Result<(HeaderMap, Connection), Malformed> {
+    let mut headers = HeaderMap::with_capacity(lines.len());
+    let mut connection = Connection::default();
+    for (name, value) in lines {
+        let name = HeaderName::from_bytes(&bytes[name.clone()]).map_err(|_| Malformed::Invalid)?;
+        let value = HeaderValue::from_maybe_shared(bytes.slice(value.clone()))
+            .map_err(|_| Malformed::Invalid)?;
+        if name == CONNECTION {
+            connection.read(&value);
+        }
+        let keep = name == TRANSFER_ENCODING || (name == CONNECTION && connection.names_others);
+        if keep || !is_hop_by_hop(&name) {
+            headers.append(name, value);
+        }
+    }
+    Ok((headers, connection))
+}
+
+impl Connection {
+    fn read(&mut self, line: &HeaderValue) {
+        let Ok(line) = line.to_str() else {
+            self.names_others = true;
+            return;
+        };
+        for token in tokens(line) {
+            let close = token.eq_ignore_ascii_case("close");
+            self.close |= close;
+            self.names_others |= !close && !names_hop_by_hop(token);
+        }
+    }
 }
 
 /// RFC 9112 section 6.3: no body for HEAD, 1xx, 204 and 304; chunked if that is the last coding;
@@ -184,6 +227,7 @@ fn framing(
         let chunked = last_coding_is_chunked(te.as_bytes());
         let alone = !headers.contains_key(CONTENT_LENGTH);
         headers.remove(CONTENT_LENGTH);
+        headers.remove(TRANSFER_ENCODING);
         return Ok(match chunked {
             true => (Framing::Chunked, alone),
             false => (Framing::Close, false),
@@ -200,15 +244,6 @@ fn framing(
         Some(n) => (Framing::Length(n), true),
         None => (Framing::Close, false),
     })
-}
-
-fn closes(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(tokens)
-        .any(|t| t.eq_ignore_ascii_case("close"))
 }
 
 #[cfg(test)]
