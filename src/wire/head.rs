@@ -78,6 +78,10 @@ pub fn read_response(
     max: usize,
 ) -> Result<Option<Head>, Malformed> {
     loop {
+        // Looked at before the first read too: nothing to parse yet.
+        if buf.is_empty() {
+            return Ok(None);
+        }
         let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut []);
         // httparse's defaults, which are hyper's client's.
