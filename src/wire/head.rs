@@ -225,6 +225,8 @@ fn framing(
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
     if head_request || bodiless {
+        // Hop-by-hop, and kept only for the framing read below.
+        headers.remove(TRANSFER_ENCODING);
         return Ok((Framing::Empty, true));
     }
     if let Some(te) = headers.get_all(TRANSFER_ENCODING).iter().next_back() {
@@ -328,6 +330,12 @@ mod tests {
             Framing::Empty,
             "HEAD"
         );
+        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n";
+        for head_request in [true, false] {
+            let head = read(chunked, head_request).expect("valid").expect("whole");
+            let names: Vec<_> = head.parts.headers.keys().map(|k| k.as_str()).collect();
+            assert_eq!(names, ["x-a"], "HEAD: {head_request}");
+        }
     }
 
     #[test]
