@@ -145,7 +145,7 @@ pub struct Hop<'a> {
 }
 
 /// How many headers [`prepare_request`] may add.
-const FORWARDING_HEADERS: usize = 5;
+pub(crate) const FORWARDING_HEADERS: usize = 5;
 
 /// Prepares a client request for the backend: Host preserved (taken from the HTTP/2 authority if
 /// needed), hop-by-hop headers removed, and the forwarding headers (`X-Forwarded-For`, `-Proto`,

@@ -182,7 +182,8 @@ fn relayed_headers(
     bytes: &Bytes,
     lines: &[(Range, Range)],
 ) -> Result<(HeaderMap, Connection), Malformed> {
-    let mut headers = HeaderMap::with_capacity(lines.len());
+    // Room for the pin's `Set-Cookie`, added on the way out.
+    let mut headers = HeaderMap::with_capacity(lines.len() + 1);
     let mut connection = Connection::default();
     for (name, value) in lines {
         let name = HeaderName::from_bytes(&bytes[name.clone()]).map_err(|_| Malformed::Invalid)?;
