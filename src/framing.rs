@@ -341,6 +341,14 @@ pub fn content_length(value: &[u8]) -> Option<u64> {
     text.parse().ok()
 }
 
+/// Whether a response with this status has no body whatever its headers say (RFC 9112 section
+/// 6.3): 1xx, 204 and 304.
+pub(crate) fn status_has_no_body(status: http::StatusCode) -> bool {
+    status.is_informational()
+        || status == http::StatusCode::NO_CONTENT
+        || status == http::StatusCode::NOT_MODIFIED
+}
+
 /// Whether `chunked` is the last coding a `Transfer-Encoding` line names.
 pub(crate) fn last_coding_is_chunked(value: &[u8]) -> bool {
     let text = String::from_utf8_lossy(value);

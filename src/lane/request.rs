@@ -34,7 +34,7 @@ pub struct Head {
 }
 
 /// Where one header's name and value lie in the head.
-type Line = (Range<usize>, Range<usize>);
+pub(crate) type Line = (Range<usize>, Range<usize>);
 
 /// The lane's verdict on a parsed head, before anything is built from it.
 struct Shape {
@@ -90,7 +90,7 @@ fn shape(buf: &[u8], lines: &mut [Line; MAX_HEADERS]) -> Result<Option<Shape>, (
     let mut close = false;
     for (line, h) in lines.iter_mut().zip(req.headers.iter()) {
         close |= lane_header(h)?;
-        *line = (range(buf, h.name.as_bytes()), range(buf, h.value));
+        *line = self::line(buf, h);
     }
     Ok(Some(Shape {
         len,
@@ -123,8 +123,13 @@ fn lane_header(h: &httparse::Header<'_>) -> Result<bool, ()> {
     Ok(close)
 }
 
+/// Where header `h` lies in `whole`, which it was parsed from (the wire's response heads too).
+pub(crate) fn line(whole: &[u8], h: &httparse::Header<'_>) -> Line {
+    (range(whole, h.name.as_bytes()), range(whole, h.value))
+}
+
 /// `part`'s place in `whole`, which it was parsed from.
-fn range(whole: &[u8], part: &[u8]) -> Range<usize> {
+pub(crate) fn range(whole: &[u8], part: &[u8]) -> Range<usize> {
     let start = part.as_ptr() as usize - whole.as_ptr() as usize;
     start..start + part.len()
 }

@@ -197,10 +197,7 @@ impl<'a> Facts<'a> {
 /// RFC 9112 section 6.3 from the server's side: no body for HEAD, 1xx, 204 and 304; else the
 /// length the headers give, or the body knows, or chunked.
 fn framing(status: StatusCode, facts: &Facts<'_>, body: &ProxyBody, head: bool) -> Framing {
-    let bodiless = status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
-    if head || bodiless {
+    if head || crate::framing::status_has_no_body(status) {
         return Framing::None;
     }
     match facts

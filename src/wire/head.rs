@@ -11,8 +11,9 @@ use http::response;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
 use hyper::ext::ReasonPhrase;
 
-use crate::framing::{content_length, last_coding_is_chunked};
+use crate::framing::{content_length, last_coding_is_chunked, status_has_no_body};
 use crate::headers::{is_hop_by_hop, names_hop_by_hop, remove_hop_by_hop, tokens, FAILOVER};
+use crate::lane::request::{self, Line};
 use crate::lane::response::line;
 
 /// hyper's client refuses a response with more header lines.
@@ -100,11 +101,11 @@ pub fn read_response(
         }
         let mut lines = [const { (0..0, 0..0) }; MAX_HEADERS];
         for (line, h) in lines.iter_mut().zip(resp.headers.iter()) {
-            *line = ranges(buf, h);
+            *line = request::line(buf, h);
         }
         let found = Found {
             code,
-            reason: range(buf, resp.reason.unwrap_or("").as_bytes()),
+            reason: request::range(buf, resp.reason.unwrap_or("").as_bytes()),
             v11: resp.version == Some(1),
             lines: resp.headers.len(),
         };
@@ -114,15 +115,6 @@ pub fn read_response(
 }
 
 type Range = std::ops::Range<usize>;
-
-fn range(whole: &[u8], part: &[u8]) -> Range {
-    let start = part.as_ptr() as usize - whole.as_ptr() as usize;
-    start..start + part.len()
-}
-
-fn ranges(whole: &[u8], h: &httparse::Header<'_>) -> (Range, Range) {
-    (range(whole, h.name.as_bytes()), range(whole, h.value))
-}
 
 /// What the parser found of a head, as places in its bytes.
 struct Found {
@@ -136,7 +128,7 @@ struct Found {
 fn build(
     bytes: &Bytes,
     found: &Found,
-    lines: &[(Range, Range)],
+    lines: &[Line],
     head_request: bool,
 ) -> Result<Head, Malformed> {
     let (mut parts, ()) = http::Response::new(()).into_parts();
@@ -178,10 +170,7 @@ struct Connection {
 /// The headers to relay, the hop-by-hop ones left out as they are met (a removal from the map
 /// costs a lookup each); `Transfer-Encoding` stays for the framing to read. `Connection` lines
 /// that name other headers stay too, for [`remove_hop_by_hop`] to take out with those.
-fn relayed_headers(
-    bytes: &Bytes,
-    lines: &[(Range, Range)],
-) -> Result<(HeaderMap, Connection), Malformed> {
+fn relayed_headers(bytes: &Bytes, lines: &[Line]) -> Result<(HeaderMap, Connection), Malformed> {
     // Room for the pin's `Set-Cookie`, added on the way out.
     let mut headers = HeaderMap::with_capacity(lines.len() + 1);
     let mut connection = Connection::default();
@@ -222,19 +211,21 @@ fn framing(
     headers: &mut HeaderMap,
     head_request: bool,
 ) -> Result<(Framing, bool), Malformed> {
-    let bodiless = status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
-    if head_request || bodiless {
-        // Hop-by-hop, and kept only for the framing read below.
+    // Hop-by-hop: kept in the map only for this reading.
+    let chunked = headers
+        .get_all(TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .map(|te| last_coding_is_chunked(te.as_bytes()));
+    if chunked.is_some() {
         headers.remove(TRANSFER_ENCODING);
+    }
+    if head_request || status_has_no_body(status) {
         return Ok((Framing::Empty, true));
     }
-    if let Some(te) = headers.get_all(TRANSFER_ENCODING).iter().next_back() {
-        let chunked = last_coding_is_chunked(te.as_bytes());
+    if let Some(chunked) = chunked {
         let alone = !headers.contains_key(CONTENT_LENGTH);
         headers.remove(CONTENT_LENGTH);
-        headers.remove(TRANSFER_ENCODING);
         return Ok(match chunked {
             true => (Framing::Chunked, alone),
             false => (Framing::Close, false),

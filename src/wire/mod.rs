@@ -65,8 +65,6 @@ fn next_read_size(size: usize, read: usize, room: usize) -> usize {
 enum Failed {
     /// Nothing of the request went out.
     Unsent(io::Error),
-    /// The backend closed the connection without a byte of answer.
-    Unanswered,
     Io(io::Error),
     Malformed(head::Malformed),
 }
@@ -141,7 +139,7 @@ impl Conn {
                 Err(e) => return Err(Failed::Malformed(e)),
             }
             match poll_fn(|cx| self.poll_fill(cx)).await {
-                Ok(0) if self.buf.is_empty() => return Err(Failed::Unanswered),
+                Ok(0) if self.buf.is_empty() => return Err(Failed::Io(unanswered())),
                 Ok(0) => return Err(Failed::Io(io::ErrorKind::UnexpectedEof.into())),
                 Ok(_) => {}
                 Err(e) => return Err(Failed::Io(e)),
@@ -251,11 +249,6 @@ impl Pool {
             tokio::time::sleep_until(next).await;
         }
     }
-
-    /// How many connections wait for a request.
-    pub fn idle(&self) -> usize {
-        self.lock().conns.len()
-    }
 }
 
 /// One attempt's request, as the wire needs it.
@@ -302,7 +295,6 @@ impl Upstream {
                     tracing::debug!(error = %e, "pooled upstream connection failed before the request");
                 }
                 Failed::Unsent(_) => return Err(UpstreamError::Unsent),
-                Failed::Unanswered => return Err(UpstreamError::Wire(unanswered())),
                 Failed::Io(e) => return Err(UpstreamError::Wire(e)),
                 Failed::Malformed(e) => return Err(UpstreamError::Malformed(e)),
             }
