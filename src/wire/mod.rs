@@ -180,15 +180,18 @@ struct Idle {
     since: Instant,
 }
 
+impl Idle {
+    /// When the connection has idled for its limit.
+    fn expires(&self) -> Instant {
+        self.since + self.conn.idle_for
+    }
+}
+
 impl Stack {
-    /// Takes out the connections idle for `idle_for` or more (at the bottom), to be closed once
-    /// the lock is released.
-    fn stale(&mut self, now: Instant, idle_for: Duration) -> Vec<Idle> {
-        let stale = self
-            .conns
-            .iter()
-            .take_while(|c| now >= c.since + idle_for)
-            .count();
+    /// Takes out the connections that have idled for their limit (at the bottom), to be closed
+    /// once the lock is released.
+    fn stale(&mut self, now: Instant) -> Vec<Idle> {
+        let stale = self.conns.iter().take_while(|c| now >= c.expires()).count();
         self.conns.drain(..stale).collect()
     }
 }
@@ -199,10 +202,10 @@ impl Pool {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The most recently used connection still open and not idle for `idle_for`.
-    fn checkout(&self, idle_for: Duration) -> Option<Conn> {
+    /// The most recently used connection still open and not idle for its limit.
+    fn checkout(&self) -> Option<Conn> {
         let mut stack = self.lock();
-        let _closing = stack.stale(Instant::now(), idle_for);
+        let _closing = stack.stale(Instant::now());
         while let Some(Idle { conn, .. }) = stack.conns.pop() {
             if !conn.closed() {
                 return Some(conn);
@@ -219,7 +222,6 @@ impl Pool {
         if conn.read_size > READ_CHUNK {
             conn.buf = BytesMut::new();
         }
-        let idle_for = conn.idle_for;
         let mut stack = self.lock();
         stack.conns.push(Idle {
             conn,
@@ -227,17 +229,17 @@ impl Pool {
         });
         if !std::mem::replace(&mut stack.swept, true) {
             drop(stack);
-            tokio::spawn(Arc::clone(self).sweep(idle_for));
+            tokio::spawn(Arc::clone(self).sweep());
         }
     }
 
     /// Closes connections as they reach the idle limit; ends when none is left.
-    async fn sweep(self: Arc<Self>, idle_for: Duration) {
+    async fn sweep(self: Arc<Self>) {
         loop {
             let (closing, next) = {
                 let mut stack = self.lock();
-                let closing = stack.stale(Instant::now(), idle_for);
-                let next = stack.conns.first().map(|c| c.since + idle_for);
+                let closing = stack.stale(Instant::now());
+                let next = stack.conns.first().map(Idle::expires);
                 stack.swept = next.is_some();
                 (closing, next)
             };
@@ -273,7 +275,7 @@ impl Upstream {
     ) -> Result<Response<WireBody>, UpstreamError> {
         let head_request = req.parts.method == Method::HEAD;
         loop {
-            let (mut conn, pooled) = match pool.checkout(self.idle_timeout) {
+            let (mut conn, pooled) = match pool.checkout() {
                 Some(conn) => (conn, true),
                 None => {
                     let io = self.dial(address, deadline).await?;
@@ -352,7 +354,7 @@ mod tests {
             conn.read_size = read_size;
             conn.buf = BytesMut::with_capacity(read_size);
             pool.put(conn);
-            let back = pool.checkout(idle_for).expect("the connection is pooled");
+            let back = pool.checkout().expect("the connection is pooled");
             assert_eq!(back.buf.capacity(), kept, "read size {read_size}");
             assert_eq!(back.read_size, read_size, "the size learnt is kept");
         }
