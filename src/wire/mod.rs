@@ -122,16 +122,17 @@ impl Conn {
     }
 
     /// Writes the request head `out` holds, then reads the response head.
+    ///
+    /// Both writes, the request's here and the answer's after, wait for the other tasks made
+    /// ready with this one: the proxy's writes then go out in a burst after its reads, as
+    /// HAProxy's loop does, and a backend sharing the proxy's core wakes for several requests
+    /// at a time instead of about one (README, Performance: "Writes in bursts").
     async fn exchange(&mut self, head_request: bool) -> Result<Head, Failed> {
+        tokio::task::yield_now().await;
         self.write_head().await?;
         loop {
             match head::read_response(&mut self.buf, head_request, MAX_RESPONSE_HEAD) {
                 Ok(Some(head)) => {
-                    // The answer goes to the client after the other tasks made ready with it
-                    // have run, not at once: relayed at once, the proxy and the backend on one
-                    // core (as bench/run.sh pins them) switched about once per request (0.85
-                    // preemptions against 0.2) and served 0.82x the requests/s of the build
-                    // before the wire; deferred, 1.08x (README, Performance).
                     tokio::task::yield_now().await;
                     return Ok(head);
                 }
