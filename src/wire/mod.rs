@@ -69,6 +69,23 @@ enum Failed {
     Malformed(head::Malformed),
 }
 
+/// Puts the task at the back of the run queue: it runs again after the tasks already ready,
+/// before the runtime polls for new events. Not `yield_now`, which waits for that poll too:
+/// the writes of one round then went out behind the next round's reads, and p99 was 1.11x
+/// HAProxy's instead of 0.95x (README, Performance).
+async fn requeue() {
+    let mut woken = false;
+    poll_fn(|cx| {
+        if woken {
+            return Poll::Ready(());
+        }
+        woken = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await
+}
+
 impl Conn {
     fn new(io: TcpStream, idle_for: Duration) -> Self {
         Self {
@@ -123,17 +140,18 @@ impl Conn {
 
     /// Writes the request head `out` holds, then reads the response head.
     ///
-    /// Both writes, the request's here and the answer's after, wait for the other tasks made
-    /// ready with this one: the proxy's writes then go out in a burst after its reads, as
-    /// HAProxy's loop does, and a backend sharing the proxy's core wakes for several requests
-    /// at a time instead of about one (README, Performance: "Writes in bursts").
+    /// Both writes, the request's here and the answer's after, wait behind the other tasks
+    /// made ready with this one (`requeue`): the proxy's writes then go out in a burst after
+    /// its reads, as HAProxy's loop does, and a backend sharing the proxy's core wakes for
+    /// several requests at a time instead of about one (README, Performance: "Writes in
+    /// bursts").
     async fn exchange(&mut self, head_request: bool) -> Result<Head, Failed> {
-        tokio::task::yield_now().await;
+        requeue().await;
         self.write_head().await?;
         loop {
             match head::read_response(&mut self.buf, head_request, MAX_RESPONSE_HEAD) {
                 Ok(Some(head)) => {
-                    tokio::task::yield_now().await;
+                    requeue().await;
                     return Ok(head);
                 }
                 Ok(None) => {}
