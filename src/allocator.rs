@@ -1,11 +1,11 @@
 //! Giving memory back when a worker goes quiet.
 //!
-//! mimalloc (the binary's allocator) returns freed pages to the OS only while the thread's heap
-//! is active: it collects a heap once every 10,000 allocations through its generic path (its
-//! `generic_collect` option; every block over 1 KiB takes that path), and returns a range freed
-//! at least 10 ms earlier when that part of the heap next takes or gives back a page. A proxy that
-//! has just parked thousands of connections and closed its idle upstream connections does
-//! neither, so what their requests used stays resident (README, Performance).
+//! mimalloc (the binary's allocator, its v3 line) returns freed memory to the OS only while the
+//! thread's heap is active: it collects a heap once every 10,000 allocations through its generic
+//! path (its `generic_collect` option; every block over 1 KiB takes that path), and a collection
+//! returns what was freed at least `purge_delay` (1 s) earlier. A proxy that has just parked
+//! thousands of connections and closed its idle upstream connections allocates next to nothing,
+//! so what their requests used stays resident (README, Performance).
 //!
 //! So a worker thread that wakes from a quiet spell (100 ms without anything to do), before it
 //! parks again, makes 10,000 such allocations, each freed at once: one collection, about half a
