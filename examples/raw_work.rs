@@ -236,7 +236,7 @@ fn request_headers<'a>(
         {
             return Err(invalid("header value"));
         }
-        let hop = names_hop_by_hop(h.name) || named_by_connection(headers, h.name);
+        let hop = names_hop_by_hop(h.name.as_bytes()) || named_by_connection(headers, h.name);
         if hop || is_any(h.name, &FORWARDING) {
             continue;
         }
@@ -313,7 +313,7 @@ fn response_out(
         out.extend_from_slice(part);
     }
     for h in resp.headers.iter() {
-        if !names_hop_by_hop(h.name) && !named_by_connection(resp.headers, h.name) {
+        if !names_hop_by_hop(h.name.as_bytes()) && !named_by_connection(resp.headers, h.name) {
             header(out, h.name.as_bytes(), h.value);
         }
     }

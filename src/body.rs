@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use crate::backend::InFlight;
 use crate::upstream::Lease;
 use crate::wire::body::WireBody;
+use crate::wire::head::Lines;
 
 type Slot = Arc<Mutex<Option<Incoming>>>;
 
@@ -177,6 +178,14 @@ impl ProxyBody {
 }
 
 impl ProxyBody {
+    /// The header lines a wire response carries with its body (its header map is empty).
+    pub fn wire_lines(&self) -> Option<&Lines> {
+        match self {
+            Self::Wire(body, _) => Some(body.lines()),
+            _ => None,
+        }
+    }
+
     /// A backend's body. An empty one is never polled, so its connection goes back at once.
     pub fn upstream(body: Incoming, in_flight: InFlight, lease: Lease) -> Self {
         let mut lease = Some(lease);

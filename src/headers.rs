@@ -20,34 +20,36 @@ pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 /// which is put back only for a switch this proxy relays.
 /// Whether a header is hop-by-hop by its name alone (not counting what `Connection` names).
 pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
-    is_hop_by_hop_name(name.as_str())
+    is_hop_by_hop_name(name.as_str().as_bytes())
 }
 
-fn is_hop_by_hop_name(lower_case: &str) -> bool {
+fn is_hop_by_hop_name(lower_case: &[u8]) -> bool {
     matches!(
         lower_case,
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
+        b"connection"
+            | b"keep-alive"
+            | b"proxy-connection"
+            | b"proxy-authenticate"
+            | b"proxy-authorization"
+            | b"te"
+            | b"trailer"
+            | b"transfer-encoding"
+            | b"upgrade"
     )
 }
 
 /// Whether a header name or `Connection` token, in any case, is hop-by-hop (`keep-alive`, say).
 /// Public so code reading raw heads (the bench's `examples/raw_work.rs`) uses the same list.
-pub fn names_hop_by_hop(token: &str) -> bool {
-    let mut lower = [0u8; "proxy-authorization".len()];
-    let Some(lower) = lower.get_mut(..token.len()) else {
+pub fn names_hop_by_hop(token: &[u8]) -> bool {
+    // Most names are none of those lengths, and are not copied.
+    if !matches!(token.len(), 2 | 7 | 10 | 16..=19) {
         return false;
-    };
-    lower.copy_from_slice(token.as_bytes());
+    }
+    let mut lower = [0u8; "proxy-authorization".len()];
+    let lower = &mut lower[..token.len()];
+    lower.copy_from_slice(token);
     lower.make_ascii_lowercase();
-    std::str::from_utf8(lower).is_ok_and(is_hop_by_hop_name)
+    is_hop_by_hop_name(lower)
 }
 
 /// The comma-separated tokens of every `name` line, trimmed (`Connection`, `Transfer-Encoding`).
@@ -81,7 +83,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         return;
     }
     let named: Vec<HeaderName> = list_tokens(headers, &header::CONNECTION)
-        .filter(|token| !names_hop_by_hop(token) && headers.contains_key(*token))
+        .filter(|token| !names_hop_by_hop(token.as_bytes()) && headers.contains_key(*token))
         .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
         .collect();
     while let Some(name) = headers.keys().find(|k| is_hop_by_hop(k)).cloned() {
@@ -102,7 +104,7 @@ fn connection_names_only_hop_by_hop(headers: &HeaderMap) -> bool {
             return true;
         }
     }
-    list_tokens(headers, &header::CONNECTION).all(names_hop_by_hop)
+    list_tokens(headers, &header::CONNECTION).all(|t| names_hop_by_hop(t.as_bytes()))
 }
 
 /// The protocol an HTTP/1.1 request asks to switch to (`Upgrade`, with `upgrade` among the

@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes};
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderValue, Response, StatusCode};
+use http::{HeaderMap, Response, StatusCode};
 use http_body::{Body, Frame};
 use hyper::ext::ReasonPhrase;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -50,13 +50,15 @@ pub async fn write<W: AsyncWrite + Unpin>(
     out: &mut Vec<u8>,
 ) -> io::Result<bool> {
     let (parts, mut body) = resp.into_parts();
-    let facts = Facts::of(&parts.headers);
+    let relayed = body.wire_lines();
+    let facts = Facts::of(&parts.headers, &body);
     let close = asked.close || facts.close;
     let framing = framing(parts.status, &facts, &body, asked.head);
     out.clear();
     let add_close = asked.close && !facts.close;
     let reason = parts.extensions.get::<ReasonPhrase>();
-    let status = (parts.status, reason, &parts.headers);
+    let lines = relayed.map_or(&[][..], |l| &l.bytes[..]);
+    let status = (parts.status, reason, lines, &parts.headers);
     head(out, status, framing, &facts, add_close);
     if framing == Framing::None {
         io.write_all(out).await?;
@@ -170,19 +172,27 @@ fn chunk_size(out: &mut Vec<u8>, n: usize) {
 /// What the lane needs to know of a response's headers, gathered in one pass: each map lookup
 /// would hash a name again.
 #[derive(Default)]
-struct Facts<'a> {
-    length: Option<&'a HeaderValue>,
+struct Facts {
+    /// There is a `Content-Length`, and the length it gives if it reads as one.
+    length: Option<Option<u64>>,
     date: bool,
     /// `Connection: close` (stickylb's own error responses; a backend's was removed).
     close: bool,
 }
 
-impl<'a> Facts<'a> {
-    fn of(headers: &'a HeaderMap) -> Self {
+impl Facts {
+    /// From the map, and from the lines a wire response carries beside it (whose body knows the
+    /// length they give).
+    fn of(headers: &HeaderMap, body: &ProxyBody) -> Self {
         let mut facts = Self::default();
+        if let Some(lines) = body.wire_lines() {
+            facts.length = lines.length.then(|| body.size_hint().exact());
+            facts.date = lines.date;
+        }
         for (name, value) in headers {
             if name == CONTENT_LENGTH {
-                facts.length.get_or_insert(value);
+                let length = crate::framing::content_length(value.as_bytes());
+                facts.length.get_or_insert(length);
             } else if name == DATE {
                 facts.date = true;
             } else if name == CONNECTION {
@@ -196,31 +206,38 @@ impl<'a> Facts<'a> {
 
 /// RFC 9112 section 6.3 from the server's side: no body for HEAD, 1xx, 204 and 304; else the
 /// length the headers give, or the body knows, or chunked.
-fn framing(status: StatusCode, facts: &Facts<'_>, body: &ProxyBody, head: bool) -> Framing {
+fn framing(status: StatusCode, facts: &Facts, body: &ProxyBody, head: bool) -> Framing {
     if head || crate::framing::status_has_no_body(status) {
         return Framing::None;
     }
-    match facts
-        .length
-        .and_then(|v| crate::framing::content_length(v.as_bytes()))
-    {
-        Some(n) => Framing::Length(n),
-        None => match body.size_hint().exact() {
-            Some(n) if facts.length.is_none() => Framing::Length(n),
-            _ => Framing::Chunked,
-        },
+    match facts.length {
+        Some(Some(n)) => Framing::Length(n),
+        Some(None) => Framing::Chunked,
+        None => body
+            .size_hint()
+            .exact()
+            .map_or(Framing::Chunked, Framing::Length),
     }
 }
+
+/// The status, the backend's reason if unusual, the relayed lines of a wire response, the map.
+type Status<'a> = (
+    StatusCode,
+    Option<&'a ReasonPhrase>,
+    &'a [u8],
+    &'a HeaderMap,
+);
 
 /// The status line and headers, with what the framing and the lane add.
 fn head(
     out: &mut Vec<u8>,
-    (status, reason, headers): (StatusCode, Option<&ReasonPhrase>, &HeaderMap),
+    (status, reason, lines, headers): Status<'_>,
     framing: Framing,
-    facts: &Facts<'_>,
+    facts: &Facts,
     add_close: bool,
 ) {
     status_line(out, status, reason);
+    out.extend_from_slice(lines);
     for (name, value) in headers {
         if name == TRANSFER_ENCODING || (name == CONTENT_LENGTH && framing == Framing::Chunked) {
             continue;

@@ -10,7 +10,7 @@ use std::task::{ready, Context, Poll};
 use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Frame, SizeHint};
 
-use super::head::Framing;
+use super::head::{Framing, Lines};
 use super::{Conn, Pool};
 use crate::framing::trailer_section_len;
 
@@ -161,18 +161,29 @@ fn trailers(buf: &mut BytesMut) -> io::Result<Option<State>> {
 
 /// A response body streamed from a backend connection. Read whole, the connection goes back to
 /// its pool if it may carry another request; dropped before that, the connection is closed.
+/// It carries the response's header lines to the lane, which writes them.
 #[derive(Debug)]
 pub struct WireBody {
     decoder: Decoder,
-    conn: Option<Conn>,
+    lines: Lines,
+    /// Boxed: the body, and the response it is in, are moved several times on the way to the
+    /// client, and a connection is large.
+    conn: Option<Box<Conn>>,
     pool: Arc<Pool>,
     reusable: bool,
 }
 
 impl WireBody {
-    pub fn new(framing: Framing, conn: Conn, pool: Arc<Pool>, reusable: bool) -> Self {
+    pub fn new(
+        framing: Framing,
+        lines: Lines,
+        conn: Box<Conn>,
+        pool: Arc<Pool>,
+        reusable: bool,
+    ) -> Self {
         let mut body = Self {
             decoder: Decoder::new(framing),
+            lines,
             conn: Some(conn),
             pool,
             reusable,
@@ -181,6 +192,11 @@ impl WireBody {
             body.finish();
         }
         body
+    }
+
+    /// The response's header lines, to be written before the body.
+    pub fn lines(&self) -> &Lines {
+        &self.lines
     }
 
     /// The body was read whole: the connection is pooled if nothing is amiss with it.

@@ -195,7 +195,7 @@ struct Stack {
 
 #[derive(Debug)]
 struct Idle {
-    conn: Conn,
+    conn: Box<Conn>,
     since: Instant,
 }
 
@@ -222,7 +222,7 @@ impl Pool {
     }
 
     /// The most recently used connection still open and not idle for its limit.
-    fn checkout(&self) -> Option<Conn> {
+    fn checkout(&self) -> Option<Box<Conn>> {
         let mut stack = self.lock();
         let _closing = stack.stale(Instant::now());
         while let Some(Idle { conn, .. }) = stack.conns.pop() {
@@ -235,7 +235,7 @@ impl Pool {
 
     /// Keeps an answered connection for the next request; a sweeper task closes it once it has
     /// idled for its limit (one task per pool, started when the first connection comes back).
-    fn put(self: &Arc<Self>, mut conn: Conn) {
+    fn put(self: &Arc<Self>, mut conn: Box<Conn>) {
         // A buffer grown for large bodies is not kept while the connection waits (the read
         // size it learnt is).
         if conn.read_size > READ_CHUNK {
@@ -298,7 +298,7 @@ impl Upstream {
                 Some(conn) => (conn, true),
                 None => {
                     let io = self.dial(address, deadline).await?;
-                    (Conn::new(io, self.idle_timeout), false)
+                    (Box::new(Conn::new(io, self.idle_timeout)), false)
                 }
             };
             head::write_request(&mut conn.out, req.parts, req.from);
@@ -306,7 +306,8 @@ impl Upstream {
             {
                 Err(_elapsed) => return Err(UpstreamError::Late),
                 Ok(Ok(head)) => {
-                    let body = WireBody::new(head.framing, conn, Arc::clone(pool), head.reusable);
+                    let pool = Arc::clone(pool);
+                    let body = WireBody::new(head.framing, head.lines, conn, pool, head.reusable);
                     return Ok(Response::from_parts(head.parts, body));
                 }
                 Ok(Err(failed)) => failed,
@@ -369,7 +370,8 @@ mod tests {
         let idle_for = Duration::from_secs(60);
         let pool = Arc::new(Pool::default());
         for (read_size, kept) in [(READ_CHUNK, READ_CHUNK), (MAX_READ, 0)] {
-            let mut conn = Conn::new(TcpStream::connect(listener.local_addr()?).await?, idle_for);
+            let io = TcpStream::connect(listener.local_addr()?).await?;
+            let mut conn = Box::new(Conn::new(io, idle_for));
             conn.read_size = read_size;
             conn.buf = BytesMut::with_capacity(read_size);
             pool.put(conn);
