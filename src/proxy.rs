@@ -169,6 +169,7 @@ impl Proxy {
             let (sent, timeout) = (Instant::now(), routing.timeouts.backend_response);
             let attempt = Attempt {
                 parts: &out.parts,
+                forwarding: &out.forwarding,
                 body: &out.body,
                 from,
                 deadline: tokio::time::Instant::from_std(sent) + timeout,
@@ -227,6 +228,8 @@ struct Outgoing {
     parts: Parts,
     body: Replayable,
     pin: Pin,
+    /// Added to the request by each attempt's transport.
+    forwarding: headers::Forwarding,
     /// Unix seconds when the request arrived: pins are checked and issued against it.
     now: u64,
     client_upgrade: Option<OnUpgrade>,
@@ -260,7 +263,7 @@ impl Outgoing {
         let client_upgrade = upgrade
             .as_ref()
             .and_then(|_| parts.extensions.remove::<OnUpgrade>());
-        headers::prepare_request(&mut parts, hop);
+        let forwarding = headers::prepare_request(&mut parts, hop);
         if let Some(protocol) = upgrade {
             headers::keep_upgrade(&mut parts.headers, protocol);
         }
@@ -271,6 +274,7 @@ impl Outgoing {
             body,
             pin,
             now,
+            forwarding,
             client_upgrade,
             replayable,
         })

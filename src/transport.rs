@@ -16,13 +16,14 @@ use tokio::time::Instant;
 use crate::backend::{Backend, InFlight};
 use crate::body::{ProxyBody, Replayable, UpstreamBody};
 use crate::error::ProxyError;
-use crate::headers::{self, FAILOVER};
+use crate::headers::{self, Forwarding, FAILOVER};
 use crate::upstream::{Lease, Upstream, UpstreamError};
 use crate::wire::body::WireBody;
 
 /// One attempt's request.
 pub struct Attempt<'a> {
     pub parts: &'a Parts,
+    pub forwarding: &'a Forwarding,
     pub body: &'a Replayable,
     /// The backend a failing-over client was pinned to, named to the new one.
     pub from: Option<&'a str>,
@@ -67,7 +68,7 @@ impl Transport for Hyper<'_> {
         backend: &Backend,
         a: Attempt<'_>,
     ) -> Result<Response<Leased>, UpstreamError> {
-        let request = || upstream_request(a.parts, a.from, a.body.attempt());
+        let request = || upstream_request(a.parts, a.forwarding, a.from, a.body.attempt());
         let sent = self
             .0
             .send(&backend.pool, &backend.address, request, a.deadline);
@@ -108,6 +109,7 @@ impl Transport for Wire<'_> {
     ) -> Result<Response<WireBody>, UpstreamError> {
         let req = crate::wire::Request {
             parts: a.parts,
+            forwarding: a.forwarding,
             from: a.from,
         };
         let sent = self
@@ -143,6 +145,7 @@ pub fn pin(resp: &mut Response<ProxyBody>, set_cookie: Option<HeaderValue>) {
 /// the backend, and `Host` is the client's.
 fn upstream_request(
     parts: &Parts,
+    forwarding: &Forwarding,
     from: Option<&str>,
     body: UpstreamBody,
 ) -> Request<UpstreamBody> {
@@ -156,6 +159,7 @@ fn upstream_request(
     *req.uri_mut() = Uri::from(path);
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = parts.headers.clone();
+    forwarding.add_to(req.headers_mut());
     if let Some(old) = from {
         // Ids are validated as header-safe characters.
         if let Ok(v) = HeaderValue::from_str(old) {

@@ -141,9 +141,7 @@ fn build(head: &Bytes, shape: &Shape, lines: &[Line]) -> Option<Parts> {
     parts.method = Method::from_bytes(&head[shape.method.clone()]).ok()?;
     parts.uri = Uri::from_maybe_shared(head.slice(shape.target.clone())).ok()?;
     parts.version = Version::HTTP_11;
-    // Room for the forwarding headers too: growing the map for them rehashed it (450
-    // instructions per request).
-    let mut headers = HeaderMap::with_capacity(lines.len() + crate::headers::FORWARDING_HEADERS);
+    let mut headers = HeaderMap::with_capacity(lines.len());
     for (name, value) in lines {
         let name = HeaderName::from_bytes(&head[name.clone()]).ok()?;
         let value = HeaderValue::from_maybe_shared(head.slice(value.clone())).ok()?;

@@ -7,7 +7,6 @@
 use std::mem::{replace, MaybeUninit};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::request::Parts;
 use http::response;
 use http::{StatusCode, Version};
 use hyper::ext::ReasonPhrase;
@@ -70,19 +69,21 @@ pub enum Malformed {
 }
 
 /// Writes the request head for one attempt into `out`: origin form, HTTP/1.1, the prepared
-/// headers as they are, the failover header when the client moved. A request without a body
-/// goes as the client sent it, without `Content-Length` (as hyper's client sends it).
-pub fn write_request(out: &mut Vec<u8>, parts: &Parts, from: Option<&str>) {
+/// headers as they are, then the forwarding headers, and the failover header when the client
+/// moved (the order hyper's client sends them in). A request without a body goes as the client
+/// sent it, without `Content-Length` (as hyper's client sends it).
+pub fn write_request(out: &mut Vec<u8>, req: &super::Request<'_>) {
+    let parts = req.parts;
     out.clear();
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
+    for (name, value) in parts.headers.iter().chain(req.forwarding.iter()) {
         line(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    if let Some(from) = from {
+    if let Some(from) = req.from {
         line(out, FAILOVER.as_str().as_bytes(), from.as_bytes());
     }
     out.extend_from_slice(b"\r\n");
@@ -521,14 +522,20 @@ mod tests {
             .headers
             .insert("host", HeaderValue::from_static("app"));
         let mut out = Vec::new();
-        write_request(&mut out, &parts, Some("a"));
+        let forwarding = crate::headers::Forwarding::default();
+        let mut req = crate::wire::Request {
+            parts: &parts,
+            forwarding: &forwarding,
+            from: Some("a"),
+        };
+        write_request(&mut out, &req);
         let expected = "POST /visit?x=1 HTTP/1.1\r\nhost: app\r\nx-stickylb-failover: a\r\n\r\n";
         assert_eq!(String::from_utf8_lossy(&out), expected);
-        parts.method = Method::GET;
-        write_request(&mut out, &parts, None);
+        req.from = None;
+        write_request(&mut out, &req);
         assert_eq!(
             String::from_utf8_lossy(&out),
-            "GET /visit?x=1 HTTP/1.1\r\nhost: app\r\n\r\n"
+            "POST /visit?x=1 HTTP/1.1\r\nhost: app\r\n\r\n"
         );
     }
 }

@@ -27,6 +27,7 @@ use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::headers::Forwarding;
 use crate::upstream::{Upstream, UpstreamError};
 use body::WireBody;
 use head::Head;
@@ -275,6 +276,7 @@ impl Pool {
 /// One attempt's request, as the wire needs it.
 pub struct Request<'a> {
     pub parts: &'a Parts,
+    pub forwarding: &'a Forwarding,
     /// The backend a failing-over client was pinned to.
     pub from: Option<&'a str>,
 }
@@ -301,7 +303,7 @@ impl Upstream {
                     (Box::new(Conn::new(io, self.idle_timeout)), false)
                 }
             };
-            head::write_request(&mut conn.out, req.parts, req.from);
+            head::write_request(&mut conn.out, &req);
             let failed = match tokio::time::timeout_at(deadline, conn.exchange(head_request)).await
             {
                 Err(_elapsed) => return Err(UpstreamError::Late),
