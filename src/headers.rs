@@ -107,15 +107,6 @@ fn connection_names_only_hop_by_hop(headers: &HeaderMap) -> bool {
     list_tokens(headers, &header::CONNECTION).all(|t| names_hop_by_hop(t.as_bytes()))
 }
 
-/// The protocol an HTTP/1.1 request asks to switch to (`Upgrade`, with `upgrade` among the
-/// `Connection` tokens), such as `websocket`.
-pub fn upgrade_requested(parts: &Parts) -> Option<HeaderValue> {
-    let asks =
-        list_tokens(&parts.headers, &header::CONNECTION).any(|t| t.eq_ignore_ascii_case("upgrade"));
-    let h1 = parts.version == http::Version::HTTP_11;
-    (asks && h1).then(|| parts.headers.get(header::UPGRADE).cloned())?
-}
-
 /// Puts back the two headers hop-by-hop removal took, for a request or a 101 that switches.
 pub fn keep_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use http::header::{CONTENT_LENGTH, COOKIE};
+use http::header::COOKIE;
 use http::request::Parts;
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
@@ -247,8 +247,9 @@ impl Outgoing {
         body: Option<Incoming>,
         hop: &headers::Hop<'_>,
     ) -> Result<Self, ProxyError> {
-        crate::validate::check(&parts)?;
-        if declared_length(&parts)
+        let checked = crate::validate::check(&parts)?;
+        if checked
+            .length
             .zip(routing.max_body)
             .is_some_and(|(n, max)| n > max)
         {
@@ -259,7 +260,7 @@ impl Outgoing {
             routing.pin(value, now)
         })
         .unwrap_or(Pin::None);
-        let upgrade = headers::upgrade_requested(&parts);
+        let upgrade = checked.upgrade;
         let client_upgrade = upgrade
             .as_ref()
             .and_then(|_| parts.extensions.remove::<OnUpgrade>());
@@ -355,16 +356,6 @@ fn failure_reason(err: &UpstreamError) -> &'static str {
         (true, false) => "connect_error",
         (false, _) => "upstream_error",
     }
-}
-
-fn declared_length(parts: &Parts) -> Option<u64> {
-    parts
-        .headers
-        .get(CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
 }
 
 /// True if `T` is anywhere in the error's source chain.
