@@ -15,6 +15,7 @@ pub mod head;
 
 use std::future::{poll_fn, Future};
 use std::io;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
@@ -25,7 +26,7 @@ use http::uri::Authority;
 use http::{Method, Response};
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use crate::headers::Forwarding;
 use crate::upstream::{Upstream, UpstreamError};
@@ -50,6 +51,12 @@ pub struct Conn {
     /// Closed once idle this long (`timeouts.backend_idle`).
     idle_for: Duration,
     read_size: usize,
+    /// The response-head deadline, reset for each exchange (tokio's `Sleep::reset` works before
+    /// and after it fired): pushed later, it stays where it is in the timer wheel, where a
+    /// timeout made per request was put in and taken out each time (about 200 instructions per
+    /// request). Taken out while an exchange runs. Left armed between exchanges, it wakes the
+    /// task that last polled it once when it fires: one wake, for nothing, per connection.
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 fn next_read_size(size: usize, read: usize, room: usize) -> usize {
@@ -95,6 +102,7 @@ impl Conn {
             out: Vec::new(),
             idle_for,
             read_size: READ_CHUNK,
+            timer: None,
         }
     }
 
@@ -165,6 +173,28 @@ impl Conn {
                 Err(e) => return Err(Failed::Io(e)),
             }
         }
+    }
+
+    /// [`Conn::exchange`], or None if the response head is not there by `deadline`.
+    async fn exchange_by(
+        &mut self,
+        deadline: Instant,
+        head_request: bool,
+    ) -> Option<Result<Head, Failed>> {
+        let mut timer = match self.timer.take() {
+            Some(mut timer) => {
+                timer.as_mut().reset(deadline);
+                timer
+            }
+            None => Box::pin(tokio::time::sleep_until(deadline)),
+        };
+        let exchanged = tokio::select! {
+            biased;
+            done = self.exchange(head_request) => Some(done),
+            () = timer.as_mut() => None,
+        };
+        self.timer = Some(timer);
+        exchanged
     }
 
     async fn write_head(&mut self) -> Result<(), Failed> {
@@ -304,15 +334,14 @@ impl Upstream {
                 }
             };
             head::write_request(&mut conn.out, &req);
-            let failed = match tokio::time::timeout_at(deadline, conn.exchange(head_request)).await
-            {
-                Err(_elapsed) => return Err(UpstreamError::Late),
-                Ok(Ok(head)) => {
+            let failed = match conn.exchange_by(deadline, head_request).await {
+                None => return Err(UpstreamError::Late),
+                Some(Ok(head)) => {
                     let pool = Arc::clone(pool);
                     let body = WireBody::new(head.framing, head.lines, conn, pool, head.reusable);
                     return Ok(Response::from_parts(head.parts, body));
                 }
-                Ok(Err(failed)) => failed,
+                Some(Err(failed)) => failed,
             };
             match failed {
                 Failed::Unsent(e) if pooled => {
