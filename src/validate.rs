@@ -107,8 +107,10 @@ impl<'a> Seen<'a> {
                 continue;
             };
             if name == header::CONTENT_LENGTH {
+                if !seen.content_length {
+                    seen.length = text.parse().ok();
+                }
                 seen.content_length = true;
-                seen.length = seen.length.or_else(|| text.parse().ok());
             } else if name == header::TRANSFER_ENCODING {
                 seen.transfer_encoding = true;
                 seen.chunked += tokens(text)
@@ -183,6 +185,12 @@ mod tests {
         let rows = [
             (v11, vec![host, ("content-length", b"12")], Some(12), None),
             (v11, vec![host, ("content-length", b"x")], None, None),
+            (
+                v11,
+                vec![host, ("content-length", b"x"), ("content-length", b"3")],
+                None,
+                None,
+            ),
             (
                 v11,
                 vec![host, asks, ws, ("upgrade", b"h3")],
