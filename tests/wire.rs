@@ -64,7 +64,7 @@ async fn compare(backend: &RawBackend, method: &str, shown: &str) -> (String, St
 
 #[tokio::test]
 async fn every_framing_a_backend_may_use_is_read_as_hyper_reads_it() {
-    let cases: [(&[u8], &str); 10] = [
+    let cases: [(&[u8], &str); 11] = [
         (
             b"HTTP/1.1 200 OK\r\nconnection: x-private, close\r\nx-private: secret\r\nx-kept: 1\r\ncontent-length: 2\r\n\r\nok",
             "ok",
@@ -100,6 +100,10 @@ async fn every_framing_a_backend_may_use_is_read_as_hyper_reads_it() {
         ),
         (
             b"HTTP/1.1 200 OK\r\nServer: Raw\r\nx-a:1\nContent-Length: 2\r\nConnection: Keep-Alive\r\n\r\nok",
+            "ok",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nconnection: content-length\r\ncontent-length: 2\r\n\r\nok",
             "ok",
         ),
     ];
