@@ -19,6 +19,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::body::ProxyBody;
 use crate::headers::tokens;
+use crate::wire::head::Lines;
 
 /// Body data up to this size is copied behind the head (or a chunk's size line) and sent with
 /// it; larger data is sent as it is.
@@ -51,7 +52,7 @@ pub async fn write<W: AsyncWrite + Unpin>(
 ) -> io::Result<bool> {
     let (parts, mut body) = resp.into_parts();
     let relayed = body.wire_lines();
-    let facts = Facts::of(&parts.headers, &body);
+    let facts = Facts::of(&parts.headers, relayed, &body);
     let close = asked.close || facts.close;
     let framing = framing(parts.status, &facts, &body, asked.head);
     out.clear();
@@ -183,9 +184,9 @@ struct Facts {
 impl Facts {
     /// From the map, and from the lines a wire response carries beside it (whose body knows the
     /// length they give).
-    fn of(headers: &HeaderMap, body: &ProxyBody) -> Self {
+    fn of(headers: &HeaderMap, relayed: Option<&Lines>, body: &ProxyBody) -> Self {
         let mut facts = Self::default();
-        if let Some(lines) = body.wire_lines() {
+        if let Some(lines) = relayed {
             facts.length = lines.length.then(|| body.size_hint().exact());
             facts.date = lines.date;
         }
