@@ -47,6 +47,12 @@ impl Woken {
     /// `fut`, polled first and then only after it woke. One guarded future at a time.
     pub fn guard<F: Future + Unpin>(&mut self, fut: F) -> Guarded<'_, F> {
         self.arm();
+        self.again(fut)
+    }
+
+    /// `fut`, the future this waker guarded last and unchanged since, polled only if it woke
+    /// (or was armed): a future kept across many waits is registered once, not once per wait.
+    pub fn again<F: Future + Unpin>(&mut self, fut: F) -> Guarded<'_, F> {
         Guarded { woken: self, fut }
     }
 

@@ -262,6 +262,55 @@ async fn on_shutdown_the_request_in_flight_is_answered_and_a_pipelined_one_is_no
         .unwrap();
 }
 
+/// A kept-alive connection waiting for its next request is closed at once on shutdown, not at
+/// the end of the grace period (10 s by default).
+#[tokio::test]
+async fn on_shutdown_a_connection_waiting_for_its_next_request_is_closed() {
+    let a = Upstream::start("a").await;
+    // Not parked meanwhile: a parked connection is closed on shutdown by other means.
+    let quiet = "[health]\ninterval = \"1h\"\n[timeouts]\nclient_park = \"1h\"\n";
+    let mut proxy = Proxy::start(&config(&[&a], quiet)).await;
+    let mut conn = TcpStream::connect(proxy.addr).await.unwrap();
+    for _ in 0..2 {
+        conn.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(responses(&mut conn, 1).await[0].starts_with("HTTP/1.1 200"));
+    }
+    let server = proxy.shutdown();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut rest));
+    read.await.expect("closed within 5 s").unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("the server stops")
+        .unwrap();
+}
+
+/// The connection's timer is reset each time it finds part of a head and the park time over:
+/// reset, it must still fire (a timer that fired gives up its waker until polled again).
+#[tokio::test]
+async fn a_slow_head_is_cut_off_on_time_across_timer_resets() {
+    let backend = RawBackend::start().await;
+    let timeouts = "[timeouts]\nclient_header = \"300ms\"\nclient_park = \"50ms\"\n";
+    let proxy = proxy_for_raw(&backend, timeouts).await;
+    let mut slow = TcpStream::connect(proxy.addr).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: app.te")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut rest));
+    read.await.expect("cut off within 5 s").ok();
+    let after = started.elapsed();
+    assert!(
+        after >= Duration::from_millis(290) && after < Duration::from_secs(3),
+        "{after:?}"
+    );
+    assert!(backend.connections().is_empty(), "nothing was forwarded");
+}
+
 #[tokio::test]
 async fn a_large_answer_arrives_intact_and_the_connection_is_kept() {
     let body: String = (0..300_000)

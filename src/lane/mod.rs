@@ -8,6 +8,7 @@
 pub mod request;
 pub mod response;
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,12 +55,16 @@ pub struct Lane<'a> {
     pub proto: &'static str,
 }
 
-/// The connection's one timer, and the buffer responses are written from.
-struct Waiting {
+/// The connection's one timer, its wait for the stop signal, and the buffer responses are
+/// written from.
+struct Waiting<S> {
     check: Pin<Box<Sleep>>,
     /// The rules the timer applies: the same as for a hyper connection.
     quiet: Quiet,
     timer: Woken,
+    /// One wait for all the connection's reads: made anew for each read, its registration with
+    /// the channel cost about 300 instructions per request.
+    stop: S,
     signal: Woken,
     out: Vec<u8>,
 }
@@ -93,10 +98,12 @@ impl Lane<'_> {
         I: AsyncRead + AsyncWrite + Unpin,
     {
         let wake = Instant::now() + self.park_after.min(self.idle);
+        let mut stop = self.stop.clone();
         let mut waiting = Waiting {
             check: Box::pin(tokio::time::sleep_until(wake)),
             quiet: Quiet::new(self.park_after, self.idle),
             timer: Woken::new(),
+            stop: std::pin::pin!(async move { stop.changed().await }),
             signal: Woken::new(),
             out: Vec::new(),
         };
@@ -161,11 +168,11 @@ impl Lane<'_> {
     }
 
     /// Reads until `buf` holds a whole head, or the lane lets go of the connection.
-    async fn next_head<I: AsyncRead + Unpin>(
+    async fn next_head<I: AsyncRead + Unpin, S: Future + Unpin>(
         &mut self,
         io: &mut I,
         buf: &mut BytesMut,
-        waiting: &mut Waiting,
+        waiting: &mut Waiting<S>,
     ) -> Got {
         // Stopping: the request in flight was answered, and a next one already read is not
         // taken (as hyper's graceful shutdown does). A closed channel means stopped too.
@@ -188,15 +195,14 @@ impl Lane<'_> {
 
     /// One read into `buf`, or why the lane lets go: the peer closed, the connection idled out
     /// or parks, or the server is stopping. The timer and the stop signal are polled only when
-    /// they woke.
-    async fn read_more<I: AsyncRead + Unpin>(
+    /// they woke (or the timer was reset).
+    async fn read_more<I: AsyncRead + Unpin, S: Future + Unpin>(
         &mut self,
         io: &mut I,
         buf: &mut BytesMut,
-        waiting: &mut Waiting,
+        waiting: &mut Waiting<S>,
     ) -> Option<Next> {
         loop {
-            let stop = std::pin::pin!(self.stop.changed());
             tokio::select! {
                 biased;
                 read = read_into(io, buf) => return match read {
@@ -207,13 +213,16 @@ impl Lane<'_> {
                         Some(Next::Closed)
                     }
                 },
-                _ = waiting.signal.guard(stop) => return Some(Next::Closed),
-                () = waiting.timer.guard(waiting.check.as_mut()) => {
+                _ = waiting.signal.again(&mut waiting.stop) => return Some(Next::Closed),
+                () = waiting.timer.again(waiting.check.as_mut()) => {
                     let found = seen(Instant::now(), self.activity.idle_since(), buf.is_empty());
                     match waiting.quiet.check(found) {
                         Verdict::Abort | Verdict::Close => return Some(Next::Closed),
                         Verdict::Park => return Some(Next::Park),
-                        Verdict::CheckAt(at) => waiting.check.as_mut().reset(at),
+                        Verdict::CheckAt(at) => {
+                            waiting.check.as_mut().reset(at);
+                            waiting.timer.arm();
+                        }
                     }
                 }
             }
