@@ -182,10 +182,11 @@ impl Forwarding {
 /// `-Host`, `X-Real-IP`, and `Forwarded` when enabled) worked out, to be added by the transport
 /// (the map keeps none it replaces). From an untrusted peer whatever it sent in them is replaced
 /// with what this proxy saw: a client could write anything there. From a trusted proxy the chain
-/// is extended and its view of proto, host and client is kept.
-pub fn prepare_request(parts: &mut Parts, hop: &Hop<'_>) -> Forwarding {
+/// is extended and its view of proto, host and client is kept. `host` is the request's one
+/// `Host` line, as validation found it.
+pub fn prepare_request(parts: &mut Parts, hop: &Hop<'_>, host: Option<HeaderValue>) -> Forwarding {
     remove_hop_by_hop(&mut parts.headers);
-    let host = request_host(parts);
+    let host = host.or_else(|| host_from_authority(parts));
     let h = &mut parts.headers;
     if hop.forwarding.trusts(hop.peer.ip) {
         extend_forwarding(h, hop, host)
@@ -194,18 +195,12 @@ pub fn prepare_request(parts: &mut Parts, hop: &Hop<'_>) -> Forwarding {
     }
 }
 
-/// The request's `Host`, set from the HTTP/2 authority when it came without one.
-fn request_host(parts: &mut Parts) -> Option<HeaderValue> {
-    if !parts.headers.contains_key(header::HOST) {
-        if let Some(v) = parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
-            parts.headers.insert(header::HOST, v);
-        }
-    }
-    parts.headers.get(header::HOST).cloned()
+/// For a request without `Host` (HTTP/2 sends `:authority`): one made from the authority.
+fn host_from_authority(parts: &mut Parts) -> Option<HeaderValue> {
+    let authority = parts.uri.authority()?;
+    let host = HeaderValue::from_str(authority.as_str()).ok()?;
+    parts.headers.insert(header::HOST, host.clone());
+    Some(host)
 }
 
 /// From a trusted proxy: its chains are extended and its view of proto, host and client kept.
@@ -437,7 +432,8 @@ mod tests {
             proto: "http",
             forwarding: &forwarding,
         };
-        prepare_request(&mut p, &hop).add_to(&mut p.headers);
+        let host = p.headers.get(header::HOST).cloned();
+        prepare_request(&mut p, &hop, host).add_to(&mut p.headers);
         p.headers
     }
 
@@ -506,7 +502,7 @@ mod tests {
             proto: "http",
             forwarding: &forwarding,
         };
-        prepare_request(&mut p, &hop).add_to(&mut p.headers);
+        prepare_request(&mut p, &hop, None).add_to(&mut p.headers);
         assert_eq!(p.headers["host"], "shop.example:8080");
         assert_eq!(p.headers["x-forwarded-for"], "::1");
     }

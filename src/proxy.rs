@@ -264,7 +264,7 @@ impl Outgoing {
         let client_upgrade = upgrade
             .as_ref()
             .and_then(|_| parts.extensions.remove::<OnUpgrade>());
-        let forwarding = headers::prepare_request(&mut parts, hop);
+        let forwarding = headers::prepare_request(&mut parts, hop, checked.host);
         if let Some(protocol) = upgrade {
             headers::keep_upgrade(&mut parts.headers, protocol);
         }
