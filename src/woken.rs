@@ -13,11 +13,13 @@ use std::task::{Context, Poll, Wake, Waker};
 use atomic_waker::AtomicWaker;
 
 /// One future's own waker. Made once and reused for each future it guards in turn.
+#[derive(Debug)]
 pub struct Woken {
     flag: Arc<Flag>,
     waker: Waker,
 }
 
+#[derive(Debug)]
 struct Flag {
     woken: AtomicBool,
     task: AtomicWaker,

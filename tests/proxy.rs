@@ -355,10 +355,13 @@ async fn a_silent_backend_gives_504_after_the_response_timeout() {
     ))
     .await;
     let client = Clientele::new(proxy.addr);
-    // Once on a new upstream connection, once on the pooled one (its timer armed for idling).
+    // Once on a new upstream connection, once on the pooled one, most of a timeout after its
+    // last exchange: the timer that exchange left must not cut this one short. (The pause is
+    // the case under test, not a wait for something to happen.)
     for pooled in [false, true] {
         if pooled {
             assert_eq!(client.get("/", None).await.status, 200);
+            tokio::time::sleep(Duration::from_millis(150)).await;
         }
         let started = std::time::Instant::now();
         let r = client.get("/never", None).await;
