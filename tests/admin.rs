@@ -223,6 +223,29 @@ async fn a_token_guards_every_endpoint_but_the_page() {
     );
 }
 
+/// A reload that shortens `backend_response` holds on a connection pooled under the old one:
+/// the timer its last exchange left, later than the new deadline, is brought forward.
+#[tokio::test]
+async fn a_shorter_response_timeout_after_a_reload_holds_on_a_pooled_connection() {
+    let a = Upstream::start("a").await;
+    let path = temp_config("shorter-timeout");
+    write_config(&path, &[&a], "[timeouts]\nbackend_response = \"30s\"\n");
+    let proxy = Proxy::start_file(&path).await;
+    let client = Clientele::new(proxy.addr);
+    assert_eq!(client.get("/", None).await.status, 200);
+    write_config(&path, &[&a], "[timeouts]\nbackend_response = \"200ms\"\n");
+    let (code, body) = admin(&proxy, "POST", "/reload").await;
+    assert_eq!(code, 200, "{body}");
+    let started = std::time::Instant::now();
+    let r = client.get("/never", None).await;
+    let took = started.elapsed();
+    assert_eq!(r.status, 504);
+    assert!(
+        took >= Duration::from_millis(195) && took < Duration::from_secs(3),
+        "504 after {took:?}"
+    );
+}
+
 #[tokio::test]
 async fn reload_adds_and_removes_backends_and_keeps_state() {
     let (a, b, c) = (
