@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
 use atomic_waker::AtomicWaker;
+use tokio::time::{Instant, Sleep};
 
 /// One future's own waker. Made once and reused for each future it guards in turn.
 #[derive(Debug)]
@@ -83,6 +84,37 @@ impl Woken {
 impl Default for Woken {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// A timer polled only when it fired or was reset. A reset timer must be polled again to be
+/// registered, so [`Timer::reset`] arms it: the rule lives here, not at each reset.
+#[derive(Debug)]
+pub struct Timer {
+    sleep: Pin<Box<Sleep>>,
+    woken: Woken,
+}
+
+impl Timer {
+    pub fn at(deadline: Instant) -> Self {
+        Self {
+            sleep: Box::pin(tokio::time::sleep_until(deadline)),
+            woken: Woken::new(),
+        }
+    }
+
+    pub fn deadline(&self) -> Instant {
+        self.sleep.deadline()
+    }
+
+    pub fn reset(&mut self, deadline: Instant) {
+        self.sleep.as_mut().reset(deadline);
+        self.woken.arm();
+    }
+
+    /// Resolves when the timer fires; until then each poll costs no more than a flag's look.
+    pub fn fired(&mut self) -> Guarded<'_, Pin<&mut Sleep>> {
+        self.woken.again(self.sleep.as_mut())
     }
 }
 

@@ -9,7 +9,6 @@ pub mod request;
 pub mod response;
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,13 +16,13 @@ use bytes::{Bytes, BytesMut};
 use http::Method;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 use crate::activity::Activity;
 use crate::headers::Peer;
 use crate::proxy::Proxy;
 use crate::server::{Quiet, Seen, Verdict};
-use crate::woken::Woken;
+use crate::woken::{Timer, Woken};
 use request::{Head, Read};
 use response::Asked;
 
@@ -58,10 +57,9 @@ pub struct Lane<'a> {
 /// The connection's one timer, its wait for the stop signal, and the buffer responses are
 /// written from.
 struct Waiting<S> {
-    check: Pin<Box<Sleep>>,
+    check: Timer,
     /// The rules the timer applies: the same as for a hyper connection.
     quiet: Quiet,
-    timer: Woken,
     /// One wait for all the connection's reads: made anew for each read, its registration with
     /// the channel cost about 300 instructions per request.
     stop: S,
@@ -100,9 +98,8 @@ impl Lane<'_> {
         let wake = Instant::now() + self.park_after.min(self.idle);
         let mut stop = self.stop.clone();
         let mut waiting = Waiting {
-            check: Box::pin(tokio::time::sleep_until(wake)),
+            check: Timer::at(wake),
             quiet: Quiet::new(self.park_after, self.idle),
-            timer: Woken::new(),
             stop: std::pin::pin!(async move { stop.changed().await }),
             signal: Woken::new(),
             out: Vec::new(),
@@ -214,15 +211,12 @@ impl Lane<'_> {
                     }
                 },
                 _ = waiting.signal.again(&mut waiting.stop) => return Some(Next::Closed),
-                () = waiting.timer.again(waiting.check.as_mut()) => {
+                () = waiting.check.fired() => {
                     let found = seen(Instant::now(), self.activity.idle_since(), buf.is_empty());
                     match waiting.quiet.check(found) {
                         Verdict::Abort | Verdict::Close => return Some(Next::Closed),
                         Verdict::Park => return Some(Next::Park),
-                        Verdict::CheckAt(at) => {
-                            waiting.check.as_mut().reset(at);
-                            waiting.timer.arm();
-                        }
+                        Verdict::CheckAt(at) => waiting.check.reset(at),
                     }
                 }
             }

@@ -15,7 +15,6 @@ pub mod head;
 
 use std::future::{poll_fn, Future};
 use std::io;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
@@ -26,11 +25,11 @@ use http::uri::Authority;
 use http::{Method, Response};
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 use crate::headers::Forwarding;
 use crate::upstream::{Upstream, UpstreamError};
-use crate::woken::Woken;
+use crate::woken::Timer;
 use body::WireBody;
 use head::Head;
 
@@ -52,50 +51,29 @@ pub struct Conn {
     /// Closed once idle this long (`timeouts.backend_idle`).
     idle_for: Duration,
     read_size: usize,
-    /// The response-head timer, made with the first exchange and kept. Taken out while an
-    /// exchange runs.
+    /// The response-head timer (see [`until`]), made with the first exchange and kept. Taken
+    /// out while an exchange runs.
     timer: Option<Timer>,
 }
 
-/// A response-head deadline that costs nothing per exchange. Deadlines only move later (each is
-/// the time sent plus the same timeout), so the timer is left where an earlier exchange put it:
-/// when it fires before the exchange's own deadline, it is moved there and waits again, about
-/// once per timeout per connection. It is polled only when it fired. Where it was reset for each
-/// exchange and polled on each of the exchange's wakes, that cost about 350 instructions per
-/// request. Left armed between exchanges, it wakes the task that last polled it once when it
-/// fires: one wake, for nothing, per connection and timeout.
-#[derive(Debug)]
-struct Timer {
-    sleep: Pin<Box<Sleep>>,
-    woken: Woken,
-}
-
-impl Timer {
-    fn new(deadline: Instant) -> Self {
-        Self {
-            sleep: Box::pin(tokio::time::sleep_until(deadline)),
-            woken: Woken::new(),
-        }
+/// Resolves once `deadline` has passed, on a connection's response-head timer, which costs
+/// nothing per exchange. Deadlines only move later (each is the time sent plus the same
+/// timeout), so the timer is left where an earlier exchange put it: when it fires before the
+/// exchange's own deadline, it is moved there and waits again, about once per timeout per
+/// connection; an earlier deadline (a reload shortened the timeout) brings it forward. Where it
+/// was reset for each exchange and polled on each of the exchange's wakes, that cost about 350
+/// instructions per request. Left armed between exchanges, it wakes the task that last polled it
+/// once when it fires: one wake, for nothing, per connection and timeout.
+async fn until(timer: &mut Timer, deadline: Instant) {
+    if timer.deadline() > deadline {
+        timer.reset(deadline);
     }
-
-    /// Resolves once `deadline` has passed.
-    async fn until(&mut self, deadline: Instant) {
-        if self.sleep.deadline() > deadline {
-            self.reset(deadline);
+    loop {
+        timer.fired().await;
+        if timer.deadline() >= deadline {
+            return;
         }
-        loop {
-            self.woken.again(self.sleep.as_mut()).await;
-            if self.sleep.deadline() >= deadline {
-                return;
-            }
-            self.reset(deadline);
-        }
-    }
-
-    /// A timer reset must be polled again to be registered.
-    fn reset(&mut self, deadline: Instant) {
-        self.sleep.as_mut().reset(deadline);
-        self.woken.arm();
+        timer.reset(deadline);
     }
 }
 
@@ -221,11 +199,11 @@ impl Conn {
         deadline: Instant,
         head_request: bool,
     ) -> Option<Result<Head, Failed>> {
-        let mut timer = self.timer.take().unwrap_or_else(|| Timer::new(deadline));
+        let mut timer = self.timer.take().unwrap_or_else(|| Timer::at(deadline));
         let exchanged = tokio::select! {
             biased;
             done = self.exchange(head_request) => Some(done),
-            () = timer.until(deadline) => None,
+            () = until(&mut timer, deadline) => None,
         };
         self.timer = Some(timer);
         exchanged
