@@ -530,7 +530,7 @@ mod tests {
             .insert("host", HeaderValue::from_static("app"));
         let mut out = Vec::new();
         let forwarding = crate::headers::Forwarding::default();
-        let mut req = crate::wire::Request {
+        let req = crate::wire::Request {
             parts: &parts,
             forwarding: &forwarding,
             from: Some("a"),
@@ -538,11 +538,16 @@ mod tests {
         write_request(&mut out, &req);
         let expected = "POST /visit?x=1 HTTP/1.1\r\nhost: app\r\nx-stickylb-failover: a\r\n\r\n";
         assert_eq!(String::from_utf8_lossy(&out), expected);
-        req.from = None;
+        parts.method = Method::GET;
+        let req = crate::wire::Request {
+            parts: &parts,
+            forwarding: &forwarding,
+            from: None,
+        };
         write_request(&mut out, &req);
         assert_eq!(
             String::from_utf8_lossy(&out),
-            "POST /visit?x=1 HTTP/1.1\r\nhost: app\r\n\r\n"
+            "GET /visit?x=1 HTTP/1.1\r\nhost: app\r\n\r\n"
         );
     }
 }
