@@ -111,7 +111,7 @@ impl<'a> Seen<'a> {
             };
             if name == header::CONTENT_LENGTH {
                 if !seen.content_length {
-                    seen.length = text.parse().ok();
+                    seen.length = crate::framing::content_length(value.as_bytes());
                 }
                 seen.content_length = true;
             } else if name == header::TRANSFER_ENCODING {
