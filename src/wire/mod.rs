@@ -15,6 +15,7 @@ pub mod head;
 
 use std::future::{poll_fn, Future};
 use std::io;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
@@ -26,6 +27,7 @@ use http::{Method, Response};
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_util::io::poll_read_buf;
 
 use crate::headers::Forwarding;
 use crate::upstream::{Upstream, UpstreamError};
@@ -136,20 +138,18 @@ impl Conn {
     }
 
     /// Reads what the backend sent into the buffer; Ok(0) when it closed the connection.
+    ///
+    /// Through `poll_read`, not `try_read_buf`: a read that fills less than the room it was
+    /// given drained the socket, and `poll_read` then forgets the readiness, so the next
+    /// exchange waits for the backend's answer instead of first trying a read that finds
+    /// nothing (a `recvfrom` per request that HAProxy does not make).
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        loop {
-            ready!(self.io.poll_read_ready(cx))?;
-            self.make_room();
-            let room = self.buf.capacity() - self.buf.len();
-            match self.io.try_read_buf(&mut self.buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Ok(n) => {
-                    self.read_size = next_read_size(self.read_size, n, room);
-                    return Poll::Ready(Ok(n));
-                }
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
+        ready!(self.io.poll_read_ready(cx))?;
+        self.make_room();
+        let room = self.buf.capacity() - self.buf.len();
+        let n = ready!(poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf))?;
+        self.read_size = next_read_size(self.read_size, n, room);
+        Poll::Ready(Ok(n))
     }
 
     /// Room for the next read: the buffer's own, reclaimed once the data split from it has been
