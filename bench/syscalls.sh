@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# bench/syscalls.sh: system calls per proxied request, stickylb against HAProxy, counted by the
+# kernel's tracepoints (perf stat) while wrk drives one proxy at a time. The kernel spends more per
+# request than either proxy's own code (bench/run.sh: about 14 us against 5-6), and most of it
+# follows from the calls made: a proxy that relays one request per receive and send on each leg
+# makes four, and anything above that is a receive that found nothing, or a wait.
+#
+#   bench/syscalls.sh [BINARY]    # DUR=3 CONNS=50 BASE_PORT=29400
+#
+# One nginx upstream, each proxy with one worker thread and a sticky cookie to it; proxies and
+# upstream on core 1, wrk on core 0, as in bench/run.sh.
+# Needs: apt-get install haproxy nginx wrk linux-perf (and curl).
+set -euo pipefail
+unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY ALL_PROXY all_proxy
+DUR=${DUR:-3} CONNS=${CONNS:-50} BP=${BASE_PORT:-29400}
+P_UP=$((BP + 1)) P_OURS=$((BP + 2)) P_HAPROXY=$((BP + 3))
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BIN=${1:-$ROOT/target/release/stickylb}
+W=$(mktemp -d /tmp/stickylb-sys.XXXXXX) NAME=syscalls HINT="apt-get install haproxy nginx wrk linux-perf"
+NGINX_CPU=1
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+need haproxy nginx wrk perf taskset curl
+[[ -n ${1:-} ]] || (cd "$ROOT" && cargo build --release -q -p stickylb)
+upstream_run up "$P_UP" A
+stickylb_toml "$P_OURS" "" "$P_UP" >"$W/stickylb.toml"
+RUST_LOG=warn taskset -c 1 "$BIN" -c "$W/stickylb.toml" >"$W/stickylb.log" 2>&1 &
+PIDS+=($!); OURS=$!; wait_port "$P_OURS"
+printf 'global\n  nbthread 1\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 30s\n' >"$W/haproxy.cfg"
+cat >>"$W/haproxy.cfg" <<CONF
+  timeout server 30s
+frontend fe
+  bind 127.0.0.1:$P_HAPROXY
+  default_backend be
+backend be
+  cookie SRV insert indirect nocache
+  http-reuse always
+  server A 127.0.0.1:$P_UP cookie A
+CONF
+taskset -c 1 haproxy -db -f "$W/haproxy.cfg" >"$W/haproxy.log" 2>&1 &
+PIDS+=($!); HAPROXY=$!; wait_port "$P_HAPROXY"
+COOKIE=$(curl -s -D - -o /dev/null "http://127.0.0.1:$P_OURS/" | tr -d '\r' |
+    sed -n -E 's/^[Ss]et-[Cc]ookie: *(stickylb=[^;]*).*/\1/p')
+CALLS=(recvfrom sendto read write readv writev epoll_wait epoll_ctl clock_gettime)
+EVENTS=(-e raw_syscalls:sys_enter)
+for c in "${CALLS[@]}"; do EVENTS+=(-e "syscalls:sys_enter_$c"); done
+count() {   # label pid port cookie -> a row: each call per request
+    perf stat -x, "${EVENTS[@]}" -p "$2" -o "$W/perf-$1.csv" -- \
+        taskset -c 0 wrk -t1 -c"$CONNS" -d"${DUR}s" -H "Cookie: $4" "http://127.0.0.1:$3/" >"$W/wrk-$1.txt"
+    grep -q "Non-2xx\|Socket errors" "$W/wrk-$1.txt" && die "$1: wrk reported errors (see $W)"
+    awk -F, -v label="$1" -v n="$(awk '/ requests in / {print $1}' "$W/wrk-$1.txt")" '
+        /sys_enter/ {v[++k] = sprintf("%.3f", $1 / n)}
+        END {printf "| %s | %s |", label, n; for (i = 1; i <= k; i++) printf " %s |", v[i]; print ""}' "$W/perf-$1.csv"
+}
+echo "System calls per request ($DUR s of wrk -t1 -c$CONNS, keep-alive, sticky cookie; one proxy thread)"
+echo
+printf '| proxy | requests | all |'; printf ' %s |' "${CALLS[@]}"; echo
+printf '|---|---|---|'; printf -- '---|%.0s' "${CALLS[@]}"; echo
+count stickylb "$OURS" "$P_OURS" "$COOKIE"
+count haproxy "$HAPROXY" "$P_HAPROXY" "SRV=A"
