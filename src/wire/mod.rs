@@ -144,7 +144,6 @@ impl Conn {
     /// exchange waits for the backend's answer instead of first trying a read that finds
     /// nothing (a `recvfrom` per request that HAProxy does not make).
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        ready!(self.io.poll_read_ready(cx))?;
         self.make_room();
         let room = self.buf.capacity() - self.buf.len();
         let n = ready!(poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf))?;
