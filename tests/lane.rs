@@ -10,7 +10,7 @@ mod raw;
 
 use std::time::Duration;
 
-use common::{config, eventually, Clientele, Proxy, Upstream};
+use common::{config, eventually, read_response, Clientele, Proxy, Upstream};
 use raw::{proxy_for_raw, RawBackend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -174,12 +174,17 @@ async fn a_chunked_answer_is_re_framed_and_the_connection_kept() {
     assert_eq!(conns.iter().map(|c| c.requests.len()).sum::<usize>(), 2);
 }
 
+/// The exchange held is the connection's second: the lane's watch on the client's socket is
+/// made anew for each exchange.
 #[tokio::test]
 async fn a_client_that_leaves_mid_exchange_frees_the_backend_at_once() {
     let a = Upstream::start("a").await;
     let proxy = Proxy::start(&config(&[&a], "[health]\ninterval = \"1h\"\n")).await;
     let backend = proxy.lb.backend("a").unwrap();
     let mut conn = TcpStream::connect(proxy.addr).await.unwrap();
+    let first = "GET / HTTP/1.1\r\nHost: app.test\r\n\r\n";
+    conn.write_all(first.as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut conn).await.0, 200);
     let get = "GET /hold HTTP/1.1\r\nHost: app.test\r\n\r\n";
     conn.write_all(get.as_bytes()).await.unwrap();
     eventually(Duration::from_secs(5), "the request is held", || {
