@@ -350,7 +350,13 @@ impl Upstream {
                 Some(Ok(head)) => {
                     let pool = Arc::clone(pool);
                     let body = WireBody::new(head.framing, head.lines, conn, pool, head.reusable);
-                    return Ok(Response::from_parts(head.parts, body));
+                    let mut resp = Response::new(body);
+                    *resp.status_mut() = head.status;
+                    *resp.version_mut() = head.version;
+                    if let Some(phrase) = head.reason {
+                        resp.extensions_mut().insert(phrase);
+                    }
+                    return Ok(resp);
                 }
                 Some(Err(failed)) => failed,
             };
