@@ -28,7 +28,8 @@ pub enum Read {
 
 #[derive(Debug)]
 pub struct Head {
-    pub parts: Parts,
+    /// Boxed: moved from here into the exchange's futures, see `proxy::Outgoing`.
+    pub parts: Box<Parts>,
     /// The client asked to close after this request (`Connection: close`).
     pub close: bool,
 }
@@ -136,8 +137,8 @@ pub(crate) fn range(whole: &[u8], part: &[u8]) -> Range<usize> {
 
 /// The request's parts, their values sharing the head's bytes (as hyper's do); None for what
 /// `http` refuses, which hyper then answers.
-fn build(head: &Bytes, shape: &Shape, lines: &[Line]) -> Option<Parts> {
-    let (mut parts, ()) = http::Request::new(()).into_parts();
+fn build(head: &Bytes, shape: &Shape, lines: &[Line]) -> Option<Box<Parts>> {
+    let mut parts = Box::new(http::Request::new(()).into_parts().0);
     parts.method = Method::from_bytes(&head[shape.method.clone()]).ok()?;
     parts.uri = Uri::from_maybe_shared(head.slice(shape.target.clone())).ok()?;
     parts.version = Version::HTTP_11;
