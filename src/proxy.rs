@@ -88,7 +88,7 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, Infallible> {
         let (parts, body) = req.into_parts();
         let hyper = Hyper(&self.client);
-        Ok(self
+        Ok(*self
             .exchange(hyper, Box::new(parts), Some(body), peer, proto)
             .await)
     }
@@ -99,7 +99,7 @@ impl Proxy {
         parts: Box<Parts>,
         peer: &headers::Peer,
         proto: &'static str,
-    ) -> Response<ProxyBody> {
+    ) -> Box<Response<ProxyBody>> {
         self.exchange(Wire(&self.client), parts, None, peer, proto)
             .await
     }
@@ -111,7 +111,7 @@ impl Proxy {
         body: Option<Incoming>,
         peer: &headers::Peer,
         proto: &'static str,
-    ) -> Response<ProxyBody> {
+    ) -> Box<Response<ProxyBody>> {
         let started = Instant::now();
         // For the log: a clone shares the target's bytes, where a copy of the path allocated.
         let (method, uri) = (parts.method.clone(), parts.uri.clone());
@@ -130,7 +130,7 @@ impl Proxy {
             Ok(resp) => resp,
             Err(e) => {
                 tracing::warn!(method = %method, path = uri.path(), error = %chain(&e), "request failed");
-                e.into_response(&routing.retry_after)
+                Box::new(e.into_response(&routing.retry_after))
             }
         };
         let backend = ex.backend.as_ref().map_or("-", |b| b.id.as_str());
@@ -156,7 +156,7 @@ impl Proxy {
         (parts, body): (Box<Parts>, Option<Incoming>),
         hop: &headers::Hop<'_>,
         ex: &mut Exchange,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
+    ) -> Result<Box<Response<ProxyBody>>, ProxyError> {
         let mut out = Outgoing::prepare(routing, parts, body, hop)?;
         let mut last = ProxyError::NoBackend;
         let mut reason = unusable_pin_reason(routing, &out.pin);
@@ -301,7 +301,7 @@ impl Outgoing {
         (idx, hit): (usize, bool),
         resp: Response<T::Body>,
         guard: crate::backend::InFlight,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
+    ) -> Result<Box<Response<ProxyBody>>, ProxyError> {
         let renew = matches!(self.pin, Pin::Member { renew: true, .. });
         let pin_here = (!hit || renew).then(|| routing.set_cookie(idx, self.now));
         let mut resp = if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
@@ -314,7 +314,7 @@ impl Outgoing {
             T::respond(resp, guard)
         };
         transport::pin(&mut resp, pin_here);
-        Ok(resp)
+        Ok(Box::new(resp))
     }
 
     /// Whether the request may go to the next candidate after `err`.

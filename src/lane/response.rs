@@ -46,11 +46,11 @@ enum Framing {
 /// body that ends short of its length ends the connection (the client cannot tell otherwise).
 pub async fn write<W: AsyncWrite + Unpin>(
     io: &mut W,
-    resp: Response<ProxyBody>,
+    resp: Box<Response<ProxyBody>>,
     asked: Asked,
     out: &mut Vec<u8>,
 ) -> io::Result<bool> {
-    let (parts, mut body) = resp.into_parts();
+    let (parts, mut body) = (*resp).into_parts();
     let relayed = body.wire_lines();
     let facts = Facts::of(&parts.headers, relayed, &body);
     let close = asked.close || facts.close;
@@ -315,7 +315,7 @@ mod tests {
 
     async fn written(resp: Response<ProxyBody>, asked: Asked) -> (String, bool) {
         let (mut wire, mut out) = (Vec::new(), Vec::new());
-        let keep = write(&mut wire, resp, asked, &mut out)
+        let keep = write(&mut wire, Box::new(resp), asked, &mut out)
             .await
             .expect("written");
         (String::from_utf8(wire).expect("text"), keep)
