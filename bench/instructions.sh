@@ -44,8 +44,7 @@ SIM=()
 RUST_LOG=warn valgrind --tool=callgrind "${SIM[@]}" --instr-atstart=no --callgrind-out-file="$W/cg.%p" \
     "$BIN" -c "$W/stickylb.toml" >"$W/stickylb.log" 2>&1 &
 VG=$!; PIDS+=($VG); wait_port "$P_OURS"
-COOKIE=$(curl -s -D - -o /dev/null "http://127.0.0.1:$P_OURS/" | tr -d '\r' |
-    sed -n -E 's/^[Ss]et-[Cc]ookie: *(stickylb=[^;]*).*/\1/p')
+COOKIE=$(stickylb_cookie "$P_OURS")
 load() {   # requests -> sends them over CONNS keep-alive connections, checking each answer
     python3 -c '
 import asyncio, sys

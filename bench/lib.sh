@@ -36,3 +36,11 @@ upstream_run() {   # name port text -> an nginx upstream answering 200 with text
     nginx_run "$1" "$2" "server { listen 127.0.0.1:$2; default_type text/plain;
       location / { return 200 \"$3\n\"; } }"
 }
+haproxy_head() {   # mode -> the global and defaults sections every HAProxy here shares: one thread
+    printf 'global\n  nbthread 1\ndefaults\n  mode %s\n' "$1"
+    printf '  timeout connect 1s\n  timeout client 30s\n  timeout server 30s\n'
+}
+stickylb_cookie() {   # port -> "stickylb=..." from the Set-Cookie of a first answer there
+    curl -s -D - -o /dev/null "http://127.0.0.1:$1/" | tr -d '\r' |
+        sed -n -E 's/^[Ss]et-[Cc]ookie: *(stickylb=[^;]*).*/\1/p'
+}

@@ -53,11 +53,6 @@ if [[ ${FORWARD:-0} == 1 ]]; then
         proxy_set_header X-Forwarded-Host \$http_host; proxy_set_header X-Real-IP \$remote_addr;"
 fi
 
-haproxy_head() {   # mode -> the global and defaults sections every HAProxy here shares
-    printf 'global\n  nbthread 1\ndefaults\n  mode %s\n' "$1"
-    printf '  timeout connect 1s\n  timeout client 30s\n  timeout server 30s\n'
-}
-
 start() {
     upstream_run up-A "$P_A" A
     upstream_run up-B "$P_B" B

@@ -26,9 +26,8 @@ upstream_run up "$P_UP" A
 stickylb_toml "$P_OURS" "" "$P_UP" >"$W/stickylb.toml"
 RUST_LOG=warn taskset -c 1 "$BIN" -c "$W/stickylb.toml" >"$W/stickylb.log" 2>&1 &
 PIDS+=($!); OURS=$!; wait_port "$P_OURS"
-printf 'global\n  nbthread 1\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 30s\n' >"$W/haproxy.cfg"
+haproxy_head http >"$W/haproxy.cfg"
 cat >>"$W/haproxy.cfg" <<CONF
-  timeout server 30s
 frontend fe
   bind 127.0.0.1:$P_HAPROXY
   default_backend be
@@ -39,8 +38,7 @@ backend be
 CONF
 taskset -c 1 haproxy -db -f "$W/haproxy.cfg" >"$W/haproxy.log" 2>&1 &
 PIDS+=($!); HAPROXY=$!; wait_port "$P_HAPROXY"
-COOKIE=$(curl -s -D - -o /dev/null "http://127.0.0.1:$P_OURS/" | tr -d '\r' |
-    sed -n -E 's/^[Ss]et-[Cc]ookie: *(stickylb=[^;]*).*/\1/p')
+COOKIE=$(stickylb_cookie "$P_OURS")
 CALLS=(recvfrom sendto read write readv writev epoll_wait epoll_ctl clock_gettime)
 EVENTS=(-e raw_syscalls:sys_enter)
 for c in "${CALLS[@]}"; do EVENTS+=(-e "syscalls:sys_enter_$c"); done
