@@ -54,8 +54,8 @@ pub struct Lane<'a> {
     pub proto: &'static str,
 }
 
-/// The connection's one timer, its wait for the stop signal, and the buffer responses are
-/// written from.
+/// The connection's one timer, its wait for the stop signal, its watch on the client's socket
+/// during an exchange, and the buffer responses are written from.
 struct Waiting<S> {
     check: Timer,
     /// The rules the timer applies: the same as for a hyper connection.

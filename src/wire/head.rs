@@ -30,10 +30,10 @@ pub enum Framing {
 }
 
 /// A response head, read.
-#[derive(Debug)]
 ///
 /// Status, version and reason apart, not in a `response::Parts`: its empty header map made the
 /// head 168 bytes, and each of its eight or so moves a call to `memcpy`.
+#[derive(Debug)]
 pub struct Head {
     pub status: StatusCode,
     pub version: Version,
