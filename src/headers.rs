@@ -67,6 +67,11 @@ pub fn tokens(line: &str) -> impl Iterator<Item = &str> {
     line.split(',').map(str::trim)
 }
 
+/// [`tokens`] of a line read as bytes, not known to be text.
+pub fn byte_tokens(line: &[u8]) -> impl Iterator<Item = &[u8]> {
+    line.split(|b| *b == b',').map(<[u8]>::trim_ascii)
+}
+
 /// Removes hop-by-hop headers, including every header the `Connection` header names. Looks
 /// first at which are present (a message has few names), so the common request costs one pass
 /// and no removal, and the common response (`Connection: keep-alive` alone) one removal and no
