@@ -112,7 +112,8 @@ impl Proxy {
         peer: &headers::Peer,
         proto: &'static str,
     ) -> Box<Response<ProxyBody>> {
-        let started = Instant::now();
+        // Only the access log reads it: with the log off, one clock read per request fewer.
+        let started = tracing::enabled!(tracing::Level::INFO).then(Instant::now);
         // For the log: a clone shares the target's bytes, where a copy of the path allocated.
         let (method, uri) = (parts.method.clone(), parts.uri.clone());
         let routing = self.routing.load_full();
@@ -143,7 +144,7 @@ impl Proxy {
             status,
             backend,
             affinity = ex.affinity.as_str(),
-            duration_us = started.elapsed().as_micros() as u64,
+            duration_us = started.map_or(0, |t| t.elapsed().as_micros() as u64),
             "request"
         );
         resp

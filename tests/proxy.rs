@@ -857,3 +857,48 @@ async fn forwarding_headers_are_extended_only_for_trusted_proxies() {
         "for=203.0.113.9, for=127.0.0.1;proto=http;host=app.test"
     );
 }
+
+/// A log sink the test reads back.
+#[derive(Clone, Default)]
+struct LogSink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The clock is read for the access log only when the log is on; on, each line says how long
+/// the request took.
+#[tokio::test]
+async fn the_access_log_line_says_how_long_the_request_took() {
+    let sink = LogSink::default();
+    let writer = sink.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _log = tracing::subscriber::set_default(subscriber);
+    let a = Upstream::start("a").await;
+    let proxy = Proxy::start(&config(&[&a], QUIET_HEALTH)).await;
+    assert_eq!(Clientele::new(proxy.addr).get("/", None).await.status, 200);
+
+    let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains(" request ") && l.contains("path=\"/\" "))
+        .unwrap_or_else(|| panic!("no access log line in {text:?}"));
+    let us: u64 = line
+        .split("duration_us=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no duration in {line:?}"));
+    assert!(us > 0, "{line}");
+}
