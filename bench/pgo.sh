@@ -30,7 +30,7 @@ PROFDATA="$(rustc --print sysroot)/lib/rustlib/$(rustc -vV | sed -n 's/^host: //
 cd "$ROOT"
 
 echo "pgo: instrumented build (target/pgo-gen)" >&2
-RUSTFLAGS="-Cprofile-generate=$W/raw" cargo build --release -q -p stickylb --target-dir target/pgo-gen
+RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-generate=$W/raw" cargo build --release -q -p stickylb --target-dir target/pgo-gen
 rm -rf "$W/raw"   # what the build's own scripts wrote there; only the training counts
 
 upstream_run up-A "$P_A" A
@@ -59,5 +59,5 @@ mkdir -p target/pgo && rm -f target/pgo/stickylb-*.profdata
 PROFILE="$ROOT/target/pgo/stickylb-$(sha256sum "$W/merged.profdata" | cut -c1-16).profdata"
 mv "$W/merged.profdata" "$PROFILE"
 echo "pgo: optimised build (target/pgo)" >&2
-RUSTFLAGS="-Cprofile-use=$PROFILE" cargo build --release -q -p stickylb --target-dir target/pgo
+RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-use=$PROFILE" cargo build --release -q -p stickylb --target-dir target/pgo
 echo "$ROOT/target/pgo/release/stickylb"
