@@ -32,6 +32,11 @@ stickylb_toml() {   # port extra-toml upstream-port... -> on stdout, a one-worke
         printf '[[backends]]\nid = "%s"\naddress = "127.0.0.1:%s"\n' "${ids[i]}" "$up"; i=$((i + 1))
     done
 }
+stickylb_run() {   # binary port -> one stickylb serving $W/stickylb.toml on core 1 (log in $W),
+    # its pid in OURS; returns once it answers on port
+    RUST_LOG=warn taskset -c 1 "$1" -c "$W/stickylb.toml" >"$W/stickylb.log" 2>&1 &
+    OURS=$!; PIDS+=("$OURS"); wait_port "$2"
+}
 upstream_run() {   # name port text -> an nginx upstream answering 200 with text and a newline
     nginx_run "$1" "$2" "server { listen 127.0.0.1:$2; default_type text/plain;
       location / { return 200 \"$3\n\"; } }"

@@ -36,8 +36,7 @@ rm -rf "$W/raw"   # what the build's own scripts wrote there; only the training 
 upstream_run up-A "$P_A" A
 upstream_run up-B "$P_B" B
 stickylb_toml "$P_OURS" "" "$P_A" "$P_B" >"$W/stickylb.toml"
-RUST_LOG=warn taskset -c 1 target/pgo-gen/release/stickylb -c "$W/stickylb.toml" >"$W/stickylb.log" 2>&1 &
-OURS=$!; PIDS+=("$OURS"); wait_port "$P_OURS"
+stickylb_run target/pgo-gen/release/stickylb "$P_OURS"
 printf 'wrk.method = "POST"\nwrk.body = "name=visitor&note=%s"\n' "$(head -c 300 /dev/zero | tr '\0' x)" >"$W/post.lua"
 printf 'wrk.headers["Content-Type"] = "application/x-www-form-urlencoded"\n' >>"$W/post.lua"
 load() {   # seconds, wrk arguments... -> wrk on core 0 against stickylb; dies on errors

@@ -24,8 +24,7 @@ need haproxy nginx wrk perf taskset curl
 [[ -n ${1:-} ]] || (cd "$ROOT" && cargo build --release -q -p stickylb)
 upstream_run up "$P_UP" A
 stickylb_toml "$P_OURS" "" "$P_UP" >"$W/stickylb.toml"
-RUST_LOG=warn taskset -c 1 "$BIN" -c "$W/stickylb.toml" >"$W/stickylb.log" 2>&1 &
-PIDS+=($!); OURS=$!; wait_port "$P_OURS"
+stickylb_run "$BIN" "$P_OURS"
 haproxy_head http >"$W/haproxy.cfg"
 cat >>"$W/haproxy.cfg" <<CONF
 frontend fe
