@@ -17,7 +17,8 @@
 #   FORWARD=1 bench/run.sh   # HAProxy and nginx also send the forwarding headers stickylb always
 #                            # sends (X-Forwarded-For, -Proto, -Host, X-Real-IP): the same work
 #   CEILING=1 bench/run.sh   # also HAProxy as a plain TCP relay to upstream A ("tcp-relay"): the
-#                            # same socket work with no HTTP work, so near the most any proxy gets
+#                            # same socket work with no HTTP work, so near the most any proxy gets;
+#                            # the ratios then also give each stickylb build against it
 #   FLOOR=1 bench/run.sh     # also examples/hyper_floor.rs ("hyper-floor"): hyper's HTTP/1 server
 #                            # and client with nothing of stickylb's between them
 #   RAW=1 bench/run.sh       # also examples/raw_floor.rs ("raw-floor"): httparse for the heads
@@ -201,6 +202,8 @@ for t in by:
 print("\nRequests/s round by round, as ratios (a build is judged against another by these)\n")
 pairs = [(t, "haproxy") for t in by if t != "haproxy"]
 pairs += [("stickylb", t) for t in by if t not in ("haproxy", "nginx", "stickylb", "tcp-relay")]
+if "tcp-relay" in by:   # how near each build comes to the most any proxy reaches here
+    pairs += [(t, "tcp-relay") for t in by if t not in ("haproxy", "nginx", "tcp-relay")]
 for a, b in pairs:
     ratios = [by[a][r][0] / by[b][r][0] for r in sorted(by[a])]
     listed = " ".join(f"{x:.2f}" for x in ratios)
