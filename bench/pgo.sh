@@ -2,7 +2,7 @@
 # bench/pgo.sh: stickylb built with profile-guided optimisation (PGO). An instrumented build
 # serves a training load, and the release build is then made again with the profile it wrote:
 # the compiler lays out and inlines the code by how often each part ran. On the request path this
-# is about a fifth fewer instructions and a quarter less user time (README, Performance: "A
+# is about a fifth fewer instructions and a quarter less user time (PERFORMANCE.md: "A
 # profile-guided build"). The code is the same; only the build differs.
 #
 #   bench/pgo.sh    # -> target/pgo/release/stickylb      TRAIN=2 BASE_PORT=29700

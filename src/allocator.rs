@@ -5,7 +5,7 @@
 //! path (its `generic_collect` option; every block over 1 KiB takes that path), and a collection
 //! returns what was freed at least `purge_delay` (1 s) earlier. A proxy that has just parked
 //! thousands of connections and closed its idle upstream connections allocates next to nothing,
-//! so what their requests used stays resident (README, Performance).
+//! so what their requests used stays resident (PERFORMANCE.md).
 //!
 //! So a worker thread that wakes from a quiet spell (100 ms without anything to do), before it
 //! parks again, makes 10,000 such allocations, each freed at once: one collection, about half a

@@ -5,7 +5,7 @@
 //!
 //! One timer per connection does both, armed again only when it fires or the deadline moves
 //! earlier than it: a timeout made and cancelled around every exchange cost about 1,000
-//! instructions per request (README, Performance).
+//! instructions per request (PERFORMANCE.md).
 //!
 //! Since the deadline is kept by the driver, an exchange must not outlive it:
 //! [`Link::unless_ended`] gives up on a request that is still in hyper's request channel when

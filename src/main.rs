@@ -44,7 +44,7 @@ enum Command {
 
 /// mimalloc: measured faster than the system allocator on the request path, and it returns
 /// freed memory to the OS. Its v2 line: with thousands of idle connections it held 5 MiB less than
-/// v3, at the same speed (see README, Performance).
+/// v3, at the same speed (see PERFORMANCE.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -111,7 +111,7 @@ fn run(config: Config) -> ExitCode {
         .enable_all()
         // A busy runtime looks for new events every 61 tasks by default, which cut a turn's
         // burst of writes (wire::Conn::exchange) in two; every 200 served 1.02x the
-        // requests/s with the same p99 (README, Performance).
+        // requests/s with the same p99 (PERFORMANCE.md).
         .event_interval(200)
         .on_thread_park(|| {
             if QUIETNESS.with_borrow_mut(|q| q.parking(Instant::now())) {
@@ -132,7 +132,7 @@ fn run(config: Config) -> ExitCode {
 
 /// With transparent huge pages set to `always` (a common default), every 2 MiB of the
 /// allocator's memory that is touched becomes resident whole: 9,000 idle clients measured 10 MiB
-/// more that way, for no measured throughput gain (README, Performance), so the proxy opts out.
+/// more that way, for no measured throughput gain (PERFORMANCE.md), so the proxy opts out.
 fn no_huge_pages() {
     #[cfg(target_os = "linux")]
     if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {

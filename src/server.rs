@@ -103,7 +103,7 @@ async fn next_client(
 
 /// HTTP/1.1 and HTTP/2 by preface (or ALPN). The head of an HTTP/1 request is bounded by the
 /// connection's own timer (`Quiet::check`), so HTTP/1 needs no hyper timer: hyper's header timer
-/// armed a new timer for every request, about 1,500 instructions of each (README, Performance).
+/// armed a new timer for every request, about 1,500 instructions of each (PERFORMANCE.md).
 fn http_builder(settings: &ServerSettings) -> Builder<TokioExecutor> {
     let mut builder = Builder::new(TokioExecutor::new());
     builder

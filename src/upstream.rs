@@ -7,7 +7,7 @@
 //!
 //! This replaces hyper-util's pooled client, whose pool bookkeeping (a hashed key per request,
 //! a checkout future, a task per request to wait for the connection to be ready again) measured
-//! about a tenth of the proxy's instructions per request (README, Performance). Here the pool is
+//! about a tenth of the proxy's instructions per request (PERFORMANCE.md). Here the pool is
 //! found through the backend itself.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};

@@ -1,7 +1,7 @@
 //! Polling a future only when it was woken. A `select!` polls every branch on every wake of its
 //! task, so a client connection's timer and shutdown signal, which almost never fire, were polled
 //! for each request's two or three wakes (re-registering the waker each time: about 2% of the
-//! instructions per request, README, Performance). [`Woken::guard`] gives such a future its own
+//! instructions per request, PERFORMANCE.md). [`Woken::guard`] gives such a future its own
 //! waker and polls it only after that waker fired.
 
 use std::future::Future;

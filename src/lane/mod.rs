@@ -1,7 +1,7 @@
 //! The HTTP/1 lane: an HTTP/1.1 connection's common requests (no body, no upgrade) are
 //! read with httparse and answered by writing the response ourselves, around the same `Proxy` as
 //! every other request. hyper's server costs about as much per request as all of stickylb's own
-//! work (README, Performance); here the head is parsed once, into the buffer it was read into.
+//! work (PERFORMANCE.md); here the head is parsed once, into the buffer it was read into.
 //! Any other request, and anything the lane cannot read, goes to hyper with the bytes read so
 //! far, untouched, so its answers to unusual or hostile input stay hyper's by construction.
 

@@ -2,7 +2,7 @@
 //! and the response head read with httparse into the status the proxy relays and the header
 //! lines the lane writes to the client as they are ([`Lines`]): no header map is built for a
 //! response nothing in between reads the headers of (about 2,000 instructions per request,
-//! README, Performance).
+//! PERFORMANCE.md).
 
 use std::mem::{replace, MaybeUninit};
 

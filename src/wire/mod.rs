@@ -2,7 +2,7 @@
 //! request head is written from the prepared parts in one write, the response head is read with
 //! httparse into the buffer the body is then read from, and the body is framed as RFC 9112 says
 //! (`body`). hyper's client, on the pooled connection's own task, cost about 12,800 of the
-//! proxy's 31,000 instructions per request (README, Performance); here the exchange runs on the
+//! proxy's 31,000 instructions per request (PERFORMANCE.md); here the exchange runs on the
 //! client's task, with no channel, no task wake-up and no second parse of the head.
 //!
 //! Each backend keeps a stack of idle wire connections beside hyper's ([`Pool`]), with no task
@@ -100,7 +100,7 @@ enum Failed {
 /// Puts the task at the back of the run queue: it runs again after the tasks already ready,
 /// before the runtime polls for new events. Not `yield_now`, which waits for that poll too:
 /// the writes of one round then went out behind the next round's reads, and p99 was 1.11x
-/// HAProxy's instead of 0.95x (README, Performance).
+/// HAProxy's instead of 0.95x (PERFORMANCE.md).
 async fn requeue() {
     let mut woken = false;
     poll_fn(|cx| {
@@ -169,7 +169,7 @@ impl Conn {
     /// Both writes, the request's here and the answer's after, wait behind the other tasks
     /// made ready with this one (`requeue`): the proxy's writes then go out in a burst after
     /// its reads, as HAProxy's loop does, and a backend sharing the proxy's core wakes for
-    /// several requests at a time instead of about one (README, Performance: "Writes in
+    /// several requests at a time instead of about one (PERFORMANCE.md: "Writes in
     /// bursts").
     async fn exchange(&mut self, head_request: bool) -> Result<Head, Failed> {
         requeue().await;
