@@ -53,7 +53,8 @@ count() {   # label pid port cookie -> a row: each call per request, then the TC
     awk -F, -v label="$1" -v n="$n" '
         /sys_enter/ {v[++k] = sprintf("%.3f", $1 / n)}
         END {printf "| %s | %s |", label, n; for (i = 1; i <= k; i++) printf " %s |", v[i]}' "$W/perf-$1.csv"
-    nstat -z TcpOutSegs TcpExtTCPPureAcks | awk -v n="$n" '/^Tcp/ {printf " %.3f |", $2 / n} END {print ""}'
+    nstat -z TcpOutSegs TcpExtTCPPureAcks |
+        awk -v n="$n" '{v[$1] = $2} END {printf " %.3f | %.3f |\n", v["TcpOutSegs"] / n, v["TcpExtTCPPureAcks"] / n}'
 }
 echo "System calls per request ($DUR s of wrk -t1 -c$CONNS, keep-alive, sticky cookie; one proxy thread)"
 echo
