@@ -37,6 +37,12 @@ stickylb_run() {   # binary port -> one stickylb serving $W/stickylb.toml on cor
     RUST_LOG=warn taskset -c 1 "$1" -c "$W/stickylb.toml" >"$W/stickylb.log" 2>&1 &
     OURS=$!; PIDS+=("$OURS"); wait_port "$2"
 }
+stickylb_alone() {   # binary-or-empty port upstream-port -> stickylb_run in front of that one
+    # upstream: the binary named, or a release build made now
+    [[ -n $1 ]] || (cd "$ROOT" && cargo build --release -q -p stickylb)
+    stickylb_toml "$2" "" "$3" >"$W/stickylb.toml"
+    stickylb_run "${1:-$ROOT/target/release/stickylb}" "$2"
+}
 upstream_run() {   # name port text -> an nginx upstream answering 200 with text and a newline
     nginx_run "$1" "$2" "server { listen 127.0.0.1:$2; default_type text/plain;
       location / { return 200 \"$3\n\"; } }"
@@ -44,6 +50,13 @@ upstream_run() {   # name port text -> an nginx upstream answering 200 with text
 haproxy_head() {   # mode -> the global and defaults sections every HAProxy here shares: one thread
     printf 'global\n  nbthread 1\ndefaults\n  mode %s\n' "$1"
     printf '  timeout connect 1s\n  timeout client 30s\n  timeout server 30s\n'
+}
+haproxy_sticky() {   # port upstream-port -> on stdout, a one-thread HAProxy config: HTTP, a sticky
+    # cookie SRV to that one upstream, connections to it reused
+    haproxy_head http
+    printf 'frontend fe\n  bind 127.0.0.1:%s\n  default_backend be\n' "$1"
+    printf 'backend be\n  cookie SRV insert indirect nocache\n  http-reuse always\n'
+    printf '  server A 127.0.0.1:%s cookie A\n' "$2"
 }
 stickylb_cookie() {   # port -> "stickylb=..." from the Set-Cookie of a first answer there
     curl -s -D - -o /dev/null "http://127.0.0.1:$1/" | tr -d '\r' |

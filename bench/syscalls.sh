@@ -16,26 +16,14 @@ unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY ALL_PROXY all_proxy
 DUR=${DUR:-3} CONNS=${CONNS:-50} BP=${BASE_PORT:-29400}
 P_UP=$((BP + 1)) P_OURS=$((BP + 2)) P_HAPROXY=$((BP + 3))
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-BIN=${1:-$ROOT/target/release/stickylb}
 W=$(mktemp -d /tmp/stickylb-sys.XXXXXX) NAME=syscalls HINT="apt-get install haproxy nginx wrk linux-perf"
 NGINX_CPU=1
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
 need haproxy nginx wrk perf nstat taskset curl
-[[ -n ${1:-} ]] || (cd "$ROOT" && cargo build --release -q -p stickylb)
 upstream_run up "$P_UP" A
-stickylb_toml "$P_OURS" "" "$P_UP" >"$W/stickylb.toml"
-stickylb_run "$BIN" "$P_OURS"
-haproxy_head http >"$W/haproxy.cfg"
-cat >>"$W/haproxy.cfg" <<CONF
-frontend fe
-  bind 127.0.0.1:$P_HAPROXY
-  default_backend be
-backend be
-  cookie SRV insert indirect nocache
-  http-reuse always
-  server A 127.0.0.1:$P_UP cookie A
-CONF
+stickylb_alone "${1:-}" "$P_OURS" "$P_UP"
+haproxy_sticky "$P_HAPROXY" "$P_UP" >"$W/haproxy.cfg"
 taskset -c 1 haproxy -db -f "$W/haproxy.cfg" >"$W/haproxy.log" 2>&1 &
 PIDS+=($!); HAPROXY=$!; wait_port "$P_HAPROXY"
 COOKIE=$(stickylb_cookie "$P_OURS")
