@@ -4,7 +4,8 @@
 # times per request; this records the core's context switches (perf sched) for a moment of each
 # run and sorts the upstream's runs: short ones (under 30 us: woken by one request, which
 # preempted the proxy, answered, asleep again; "ping-pong") and long ones (many requests found at
-# once). Fewer, longer runs cost the shared core less per request.
+# once). Fewer, longer runs cost the shared core less per request. Last, the proxy's long runs
+# (30 us or more) for each long run of the upstream.
 #
 #   bench/sched.sh [BINARY]    # DUR=5 REC=0.5 CONNS=50 BASE_PORT=29500
 #
@@ -44,22 +45,27 @@ record() {   # label port cookie -> a row: the upstream's runs while wrk drives 
 import re, sys
 label, hist, up, wrk, rec = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5])
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", open(wrk).read()).group(1))
-runs = []   # the upstream's runs on the core, in us
+runs, proxy_long = [], 0   # the upstream's runs on the core, in us; the proxy's long runs
 for line in open(hist):
     f = line.split()
-    if len(f) == 6 and f[2].endswith(f"[{up}]"):
+    if len(f) != 6 or f[1] != "[0001]":
+        continue
+    if f[2].endswith(f"[{up}]"):
         runs.append(float(f[5]) * 1000)
+    elif f[2].startswith(("stickylb[", "haproxy[")) and float(f[5]) >= 0.030:
+        proxy_long += 1
 short = [r for r in runs if r < 30]
 n = rps * rec   # requests in the record, from wrk's rate
 chains = len(short) / max(1, len(runs) - len(short))
 print(f"| {label} | {rps:,.0f} | {len(runs) / n:.3f} | {len(short) / max(1, len(runs)):.2f} | "
-      f"{chains:.1f} | {sum(short) / n:.2f} | {sum(runs) / n:.2f} |")
+      f"{chains:.1f} | {sum(short) / n:.2f} | {sum(runs) / n:.2f} | "
+      f"{proxy_long / max(1, len(runs) - len(short)):.2f} |")
 PY
 }
 echo "The upstream's runs on the shared core ($REC s of perf sched within $DUR s of wrk -t1 -c$CONNS)"
 echo
-echo "| proxy | requests/s | upstream runs per request | share under 30 us | short runs per long one | us per request in short runs | in all runs |"
-echo "|---|---|---|---|---|---|---|"
+echo "| proxy | requests/s | upstream runs per request | share under 30 us | short runs per long one | us per request in short runs | in all runs | proxy's long runs per upstream's |"
+echo "|---|---|---|---|---|---|---|---|"
 record stickylb "$P_OURS" "$COOKIE"
 record haproxy "$P_HAPROXY" "SRV=A"
 record tcp-relay "$P_RELAY" "none=0"
