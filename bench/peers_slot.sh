@@ -3,8 +3,8 @@
 # 6's targets were set with) with stickylb in its OURS_CMD slot: its table, then its failover probe
 # for stickylb three times. peers.sh's own failover mode has no row for the slot, so its functions
 # are sourced and run for stickylb as they run for each peer (SIGTERM of upstream A, one curl every
-# 50 ms for 5 s). Its figures are medians of rounds, its ratio of medians; bench/run.sh gives the
-# median of per-round ratios the targets are judged by, and more.
+# 50 ms for 5 s). Its requests/s ratio is the median of per-round ratios, as bench/run.sh's;
+# bench/run.sh adds the relay, each proxy's CPU time, and the upstream's wake-ups.
 #
 #   bench/peers_slot.sh [BINARY]   # PEERS=../shared/bench/peers.sh ROUNDS=6 DUR=5 BASE_PORT=18080
 #
