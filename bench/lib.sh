@@ -58,6 +58,16 @@ haproxy_sticky() {   # port upstream-port -> on stdout, a one-thread HAProxy con
     printf 'backend be\n  cookie SRV insert indirect nocache\n  http-reuse always\n'
     printf '  server A 127.0.0.1:%s cookie A\n' "$2"
 }
+haproxy_relay() {   # port upstream-port -> on stdout, a one-thread HAProxy relaying bytes to that
+    # upstream in mode tcp: no parsing, headers or cookie, so about the most any proxy reaches
+    haproxy_head tcp
+    printf 'listen relay\n  bind 127.0.0.1:%s\n  server A 127.0.0.1:%s\n' "$1" "$2"
+}
+haproxy_run() {   # name port core -> HAProxy serving $W/name.cfg on that core (log in $W), its
+    # pid in HAPROXY; returns once it answers on port
+    taskset -c "$3" haproxy -db -f "$W/$1.cfg" >"$W/$1.log" 2>&1 &
+    HAPROXY=$!; PIDS+=("$HAPROXY"); wait_port "$2"
+}
 stickylb_cookie() {   # port -> "stickylb=..." from the Set-Cookie of a first answer there
     curl -s -D - -o /dev/null "http://127.0.0.1:$1/" | tr -d '\r' |
         sed -n -E 's/^[Ss]et-[Cc]ookie: *(stickylb=[^;]*).*/\1/p'

@@ -72,8 +72,7 @@ $FWD_HAPROXY
   server A 127.0.0.1:$P_A cookie A
   server B 127.0.0.1:$P_B cookie B
 CONF
-    taskset -c "$PROXY_CPU" haproxy -db -f "$W/haproxy.cfg" >"$W/haproxy.log" 2>&1 &
-    PIDS+=($!); PID[haproxy]=$!; wait_port "$P_HAPROXY"
+    haproxy_run haproxy "$P_HAPROXY" "$PROXY_CPU"; PID[haproxy]=$HAPROXY
     # OSS nginx has no sticky cookie: a consistent hash on the cookie is its closest equivalent.
     nginx_run px-nginx "$P_NGINX" "upstream ups { hash \$cookie_SRV consistent;
         server 127.0.0.1:$P_A; server 127.0.0.1:$P_B; keepalive 64; keepalive_requests 1000000; }
@@ -98,14 +97,8 @@ CONF
 
 relay_run() {   # HAProxy relaying bytes to A: one receive and one send per message on each leg,
     # like every proxy here, and no parsing, headers or cookie at all
-    haproxy_head tcp >"$W/relay.cfg"
-    cat >>"$W/relay.cfg" <<CONF
-listen relay
-  bind 127.0.0.1:$P_RELAY
-  server A 127.0.0.1:$P_A
-CONF
-    taskset -c "$PROXY_CPU" haproxy -db -f "$W/relay.cfg" >"$W/relay.log" 2>&1 &
-    PIDS+=($!); PID[tcp-relay]=$!; wait_port "$P_RELAY"
+    haproxy_relay "$P_RELAY" "$P_A" >"$W/relay.cfg"
+    haproxy_run relay "$P_RELAY" "$PROXY_CPU"; PID[tcp-relay]=$HAPROXY
     TARGETS+=(tcp-relay); PORT[tcp-relay]=$P_RELAY CK[tcp-relay]=none=0
 }
 

@@ -25,13 +25,9 @@ upstream_run up "$P_UP" A
 UP=$(pgrep -P "$(<"$W/up/nginx.pid")")
 stickylb_alone "${1:-}" "$P_OURS" "$P_UP"
 haproxy_sticky "$P_HAPROXY" "$P_UP" >"$W/haproxy.cfg"
-{ haproxy_head tcp; printf 'listen relay\n  bind 127.0.0.1:%s\n  server A 127.0.0.1:%s\n' \
-    "$P_RELAY" "$P_UP"; } >"$W/relay.cfg"
-for c in haproxy relay; do
-    taskset -c 1 haproxy -db -f "$W/$c.cfg" >"$W/$c.log" 2>&1 &
-    PIDS+=($!)
-done
-wait_port "$P_HAPROXY"; wait_port "$P_RELAY"
+haproxy_relay "$P_RELAY" "$P_UP" >"$W/relay.cfg"
+haproxy_run haproxy "$P_HAPROXY" 1
+haproxy_run relay "$P_RELAY" 1
 COOKIE=$(stickylb_cookie "$P_OURS")
 
 record() {   # label port cookie -> a row: the upstream's runs while wrk drives the proxy

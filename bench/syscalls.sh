@@ -24,8 +24,7 @@ need haproxy nginx wrk perf nstat taskset curl
 upstream_run up "$P_UP" A
 stickylb_alone "${1:-}" "$P_OURS" "$P_UP"
 haproxy_sticky "$P_HAPROXY" "$P_UP" >"$W/haproxy.cfg"
-taskset -c 1 haproxy -db -f "$W/haproxy.cfg" >"$W/haproxy.log" 2>&1 &
-PIDS+=($!); HAPROXY=$!; wait_port "$P_HAPROXY"
+haproxy_run haproxy "$P_HAPROXY" 1
 COOKIE=$(stickylb_cookie "$P_OURS")
 CALLS=(recvfrom sendto read write readv writev epoll_wait epoll_ctl clock_gettime)
 EVENTS=(-e raw_syscalls:sys_enter)
