@@ -79,6 +79,8 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// Runtime worker threads; None means one per core.
     pub workers: Option<usize>,
+    /// Whether a single worker sends requests to backends through io_uring (module `uring`).
+    pub io_uring: bool,
     pub limits: LimitConfig,
 }
 
@@ -242,6 +244,7 @@ mod raw {
     #[serde(deny_unknown_fields)]
     pub struct Runtime {
         pub workers: Option<Spanned<usize>>,
+        pub io_uring: Option<bool>,
     }
 
     #[derive(Deserialize)]
@@ -468,6 +471,7 @@ fn validate(
         file: ctx.file.to_path_buf(),
         admin,
         workers,
+        io_uring: raw.runtime.io_uring.unwrap_or(true),
         limits,
         listener,
         affinity,
@@ -1044,6 +1048,16 @@ weight = 3
             err(&format!("{GOOD}\n[runtime]\nworkers = 0\n")).key,
             "runtime.workers"
         );
+    }
+
+    #[test]
+    fn io_uring_is_on_unless_turned_off() {
+        assert!(parse(GOOD).expect("valid").io_uring);
+        let off = parse(&format!("{GOOD}\n[runtime]\nio_uring = false\n")).expect("valid");
+        assert!(!off.io_uring);
+        let e = err(&format!("{GOOD}\n[runtime]\nio_uring = \"yes\"\n"));
+        assert_eq!(e.key, "runtime.io_uring", "{e}");
+        assert!(e.message.contains("boolean"), "{e}");
     }
 
     #[test]

@@ -25,6 +25,7 @@
 //! - [`link`]: an upstream connection's one timer: idling out, and a response head that is late.
 //! - [`woken`]: polling a future only when it was woken (a connection's timer and stop signal).
 //! - [`coalesce`]: small vectored writes sent as one buffer (`send`, not `writev`).
+//! - [`uring`]: a single worker's requests to backends, sent together through io_uring.
 //! - [`park`]: lending a socket to hyper and taking it back, so quiet connections hold no buffers.
 //! - [`tls`]: loading the certificate and key into a rustls configuration.
 //! - [`allocator`]: when a quiet worker lets the allocator give freed memory back to the OS.
@@ -61,6 +62,7 @@ pub mod tls;
 pub mod transport;
 pub mod tunnel;
 pub mod upstream;
+pub mod uring;
 pub mod validate;
 pub mod wire;
 pub mod woken;

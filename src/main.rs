@@ -98,6 +98,15 @@ fn demo(config: Config, replication: &str) -> ExitCode {
 fn run(config: Config) -> ExitCode {
     init_tracing();
     no_huge_pages();
+    if config.workers == Some(1) && config.io_uring {
+        match stickylb::uring::Runtime::new() {
+            Ok(runtime) => {
+                tracing::info!("requests to backends go through io_uring");
+                return runtime.block_on(serve_quietly(config));
+            }
+            Err(e) => tracing::info!(error = %e, "io_uring unavailable: one system call per send"),
+        }
+    }
     // One worker runs everything on one thread, without cross-thread wake-ups.
     let mut builder = match config.workers {
         Some(1) => tokio::runtime::Builder::new_current_thread(),
@@ -139,6 +148,15 @@ fn no_huge_pages() {
     if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
         tracing::debug!(error = %e, "cannot opt out of transparent huge pages");
     }
+}
+
+/// [`serve`] on a runtime without park hooks (tokio-uring's): a timer stands in for them to
+/// give memory back once the proxy has gone quiet (module `allocator`).
+async fn serve_quietly(config: Config) -> ExitCode {
+    let quiet = tokio::spawn(allocator::collect_when_quiet());
+    let code = serve(config).await;
+    quiet.abort();
+    code
 }
 
 async fn serve(config: Config) -> ExitCode {

@@ -149,6 +149,7 @@ impl Metrics {
     /// Counts a request by the backend that answered it (`None`: none did), its status and how
     /// the affinity cookie was honoured (one of [`OUTCOMES`]).
     pub fn request(&self, backend: Option<&Backend>, status: u16, affinity: &'static str) {
+        crate::allocator::worked();
         match backend {
             Some(b) => self.meters(b).requests[class(status)].inc(),
             None => {

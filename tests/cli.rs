@@ -367,17 +367,32 @@ async fn idle_clients(port: u16, n: usize, wave: usize) -> Vec<tokio::net::TcpSt
 /// proxy started with (HAProxy measures about 2 KB per idle client in `bench/idle_rss.sh`).
 #[tokio::test(flavor = "multi_thread")]
 async fn memory_a_burst_of_clients_used_goes_back_to_the_os_once_they_idle() {
+    idle_memory_goes_back("").await;
+}
+
+/// The same with one worker, on io_uring: no park hooks there, a timer collects instead.
+#[tokio::test(flavor = "multi_thread")]
+async fn memory_goes_back_with_a_single_io_uring_worker_too() {
+    let log = idle_memory_goes_back("[runtime]\nworkers = 1\n").await;
+    assert!(
+        log.contains("requests to backends go through io_uring"),
+        "{log}"
+    );
+}
+
+/// Runs the burst with `runtime` added to the config; the proxy's log.
+async fn idle_memory_goes_back(runtime: &str) -> String {
     const CLIENTS: u64 = 3000;
     raise_open_file_limit();
     let up = common::Upstream::start("a").await;
     let port = free_port();
     let cfg = format!(
         "[listener]\naddress = \"127.0.0.1:{port}\"\n[affinity]\nsecret = \"test-secret-0123456789\"\n\
-         [timeouts]\nclient_park = \"200ms\"\nbackend_idle = \"500ms\"\n\
+         [timeouts]\nclient_park = \"200ms\"\nbackend_idle = \"500ms\"\n{runtime}\
          [[backends]]\nid = \"a\"\naddress = \"{}\"\n",
         up.addr
     );
-    let path = write("idle-memory.toml", &cfg);
+    let path = write(&format!("idle-memory-{port}.toml"), &cfg);
     let child = Reaped(
         Command::new("sh")
             .args([
@@ -413,4 +428,5 @@ async fn memory_a_burst_of_clients_used_goes_back_to_the_os_once_they_idle() {
         added as f64 / CLIENTS as f64
     );
     drop(clients);
+    std::fs::read_to_string(path.with_extension("log")).unwrap()
 }

@@ -31,6 +31,7 @@ use tokio_util::io::poll_read_buf;
 
 use crate::headers::Forwarding;
 use crate::upstream::{Upstream, UpstreamError};
+use crate::uring::Sender;
 use crate::woken::Timer;
 use body::WireBody;
 use head::Head;
@@ -48,6 +49,8 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 #[derive(Debug)]
 pub struct Conn {
     io: TcpStream,
+    /// On a single io_uring worker, where request heads are sent (module `uring`).
+    sender: Option<Sender>,
     buf: BytesMut,
     out: Vec<u8>,
     /// Closed once idle this long (`timeouts.backend_idle`).
@@ -117,6 +120,7 @@ async fn requeue() {
 impl Conn {
     fn new(io: TcpStream, idle_for: Duration) -> Self {
         Self {
+            sender: Sender::for_stream(&io),
             io,
             buf: BytesMut::new(),
             out: Vec::new(),
@@ -208,8 +212,22 @@ impl Conn {
         exchanged
     }
 
+    /// On a single io_uring worker the head goes out through io_uring (module `uring`), and
+    /// whatever that leaves through tokio's readiness.
     async fn write_head(&mut self) -> Result<(), Failed> {
         let mut written = 0;
+        if let Some(sender) = &self.sender {
+            let sent;
+            (sent, self.out) = sender.send(std::mem::take(&mut self.out)).await;
+            match sent {
+                Ok(n) => written = n,
+                // The buffer was lost with a sender that stopped (shutdown).
+                Err(e) if self.out.is_empty() => return Err(Failed::Unsent(e)),
+                // An operation io_uring refused, or the socket's own error: the readiness path
+                // below tries again and reports what the socket says.
+                Err(e) => tracing::trace!(error = %e, "io_uring send failed; sending without it"),
+            }
+        }
         while written < self.out.len() {
             match self.io.write(&self.out[written..]).await {
                 Ok(0) => return Err(Failed::Io(io::ErrorKind::WriteZero.into())),
@@ -306,6 +324,7 @@ impl Pool {
             };
             if !closing.is_empty() {
                 tracing::debug!(count = closing.len(), "closing idle upstream connections");
+                crate::allocator::worked();
             }
             drop(closing);
             let Some(next) = next else { return };
