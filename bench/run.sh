@@ -25,6 +25,8 @@
 #                            # and bytes copied, the least any HTTP/1 engine of our own could do;
 #                            # and examples/raw_work.rs ("raw-work"): that plus stickylb's
 #                            # per-request work, with its routing and metrics
+#   URING=1 bench/run.sh     # also examples/uring_floor.rs ("uring-floor"): raw-floor on io_uring
+#                            # (tokio-uring), a turn's reads and writes in one kernel entry
 #
 # Needs: apt-get install haproxy nginx wrk (and util-linux's taskset, curl).
 set -euo pipefail
@@ -32,7 +34,7 @@ unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY ALL_PROXY all_proxy
 ROUNDS=${ROUNDS:-5} DUR=${DUR:-10} CONNS=${CONNS:-50}
 LOAD_CPU=${LOAD_CPU:-0} PROXY_CPU=${PROXY_CPU:-1} BP=${BASE_PORT:-28080}
 P_A=$((BP + 1)) P_B=$((BP + 2)) P_HAPROXY=$((BP + 10)) P_NGINX=$((BP + 11)) P_OURS=$((BP + 12))
-P_RELAY=$((BP + 9)) P_FLOOR=$((BP + 8)) P_RAW=$((BP + 7)) P_RAW_WORK=$((BP + 6))
+P_RELAY=$((BP + 9)) P_FLOOR=$((BP + 8)) P_RAW=$((BP + 7)) P_RAW_WORK=$((BP + 6)) P_URING=$((BP + 5))
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 W=$(mktemp -d /tmp/stickylb-bench.XXXXXX) NAME=bench HINT="apt-get install haproxy nginx wrk"
 NGINX_CPU=$PROXY_CPU
@@ -92,6 +94,9 @@ CONF
         ours raw-floor "$ROOT/target/release/examples/raw_floor" "$P_RAW"
         ours raw-work "$ROOT/target/release/examples/raw_work" "$P_RAW_WORK"
     fi
+    if [[ ${URING:-0} == 1 ]]; then
+        ours uring-floor "$ROOT/target/release/examples/uring_floor" "$P_URING"
+    fi
     if [[ ${CEILING:-0} == 1 ]]; then relay_run; fi
 }
 
@@ -150,6 +155,7 @@ bench() {   # label port cookie -> a row of results.tsv (see printf)
 cd "$ROOT" && cargo build --release -q -p stickylb
 if [[ ${FLOOR:-0} == 1 ]]; then cargo build --release -q -p stickylb --example hyper_floor; fi
 if [[ ${RAW:-0} == 1 ]]; then cargo build --release -q -p stickylb --example raw_floor --example raw_work; fi
+if [[ ${URING:-0} == 1 ]]; then cargo build --release -q -p stickylb --example uring_floor; fi
 start
 UP_A=$(pgrep -P "$(<"$W/up-A/nginx.pid")")   # upstream A's worker: every proxy pins to it
 CK[haproxy]=$(cookie_for "$P_HAPROXY" SRV) CK[nginx]=$(nginx_cookie)

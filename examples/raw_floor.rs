@@ -24,8 +24,6 @@ use tokio::net::TcpStream;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const COOKIE: &[u8] = b"Set-Cookie: stickylb=floor; Path=/\r\n";
-
 fn main() -> ExitCode {
     common::main("raw_floor", common::first_backend, relay)
 }
@@ -49,10 +47,7 @@ async fn relay(mut client: TcpStream, upstream: String) -> std::io::Result<()> {
         else {
             return Err(Error::new(ErrorKind::UnexpectedEof, "backend closed"));
         };
-        out.clear();
-        out.extend_from_slice(&from_backend[..head - 2]);
-        out.extend_from_slice(COOKIE);
-        out.extend_from_slice(&from_backend[head - 2..len]);
+        raw::with_cookie(&mut out, &from_backend[..len], head);
         client.write_all(&out).await?;
         from_backend.drain(..len);
     }

@@ -15,6 +15,27 @@ pub fn first_backend(config: &Config) -> Option<String> {
     config.backends.first().map(|b| b.address.to_string())
 }
 
+/// The config named by `-c` and what `state` made of it, or the exit code after saying why not.
+pub fn load<S>(name: &str, state: fn(&Config) -> Option<S>) -> Result<(Config, S), ExitCode> {
+    let path = match std::env::args().collect::<Vec<_>>().as_slice() {
+        [_, flag, path] if flag == "-c" => PathBuf::from(path),
+        _ => {
+            eprintln!("usage: {name} -c CONFIG");
+            return Err(ExitCode::from(2));
+        }
+    };
+    let config = Config::load(&path, None).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(2)
+    })?;
+    let Some(state) = state(&config) else {
+        eprintln!("error: {}: no backend", path.display());
+        return Err(ExitCode::from(2));
+    };
+    Ok((config, state))
+}
+
+#[allow(dead_code, reason = "uring_floor runs tokio-uring's runtime")]
 /// Runs `relay` for each client connection, with what `state` made of the config (None: the
 /// config has no backend).
 pub fn main<S, F, Fut, E>(name: &str, state: fn(&Config) -> Option<S>, relay: F) -> ExitCode
@@ -24,24 +45,12 @@ where
     Fut: Future<Output = Result<(), E>> + Send + 'static,
     E: Display,
 {
-    let path = match std::env::args().collect::<Vec<_>>().as_slice() {
-        [_, flag, path] if flag == "-c" => PathBuf::from(path),
-        _ => {
-            eprintln!("usage: {name} -c CONFIG");
-            return ExitCode::from(2);
-        }
+    let state = match load(name, state) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
     };
-    let config = match Config::load(&path, None) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let Some(state) = state(&config) else {
-        eprintln!("error: {}: no backend", path.display());
-        return ExitCode::from(2);
-    };
+    let config = state.0;
+    let state = state.1;
     let served = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

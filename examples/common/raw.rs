@@ -8,6 +8,20 @@ use tokio::net::TcpStream;
 
 pub const MAX_HEADERS: usize = 64;
 
+/// The one header the floors add: the bench checks for a `stickylb` cookie.
+#[allow(dead_code, reason = "raw_work writes its own Set-Cookie")]
+const COOKIE: &[u8] = b"Set-Cookie: stickylb=floor; Path=/\r\n";
+
+/// `out` becomes the response `message` (its head `head` bytes long, ending in CRLF CRLF, as
+/// nginx writes it) with the cookie line put before the blank line.
+#[allow(dead_code, reason = "raw_work writes its own Set-Cookie")]
+pub fn with_cookie(out: &mut Vec<u8>, message: &[u8], head: usize) {
+    out.clear();
+    out.extend_from_slice(&message[..head - 2]);
+    out.extend_from_slice(COOKIE);
+    out.extend_from_slice(&message[head - 2..]);
+}
+
 /// A head's length and its body's, once the head is whole.
 pub type Frame = Option<(usize, usize)>;
 
