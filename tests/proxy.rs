@@ -887,13 +887,15 @@ async fn the_access_log_line_says_how_long_the_request_took() {
     let _log = tracing::subscriber::set_default(subscriber);
     let a = Upstream::start("a").await;
     let proxy = Proxy::start(&config(&[&a], QUIET_HEALTH)).await;
-    // Another test's thread may have registered the access log's callsite while this
-    // subscriber was being set, with the interest of the subscribers before it (none: the
-    // line was then left out, once in CI); a rebuild now counts this one.
-    tracing::callsite::rebuild_interest_cache();
     assert_eq!(Clientele::new(proxy.addr).get("/", None).await.status, 200);
 
-    let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+    // The line is written once the answer has gone out, so it may come after the client has it.
+    let logged = || String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+    eventually(Duration::from_secs(5), "an access log line", || {
+        logged().contains(" request ")
+    })
+    .await;
+    let text = logged();
     let line = text
         .lines()
         .find(|l| l.contains(" request ") && l.contains("path=\"/\" "))
