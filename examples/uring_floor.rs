@@ -71,8 +71,7 @@ async fn serve(listen: SocketAddr, upstream: SocketAddr) -> std::io::Result<()> 
     }
 }
 
-/// A socket tokio accepted, for io_uring: blocking, so that the kernel waits for data instead
-/// of failing a read with EAGAIN.
+/// A socket tokio accepted, for io_uring: made blocking, as tokio-uring's own sockets are.
 fn uring_stream(io: tokio::net::TcpStream) -> std::io::Result<TcpStream> {
     let io = io.into_std()?;
     io.set_nonblocking(false)?;
@@ -118,8 +117,9 @@ async fn relay_sends(
     client.set_nodelay(true)?;
     let mut backend = tokio::net::TcpStream::connect(upstream).await?;
     backend.set_nodelay(true)?;
-    // The second descriptor shares the first's non-blocking flag: a send that finds the buffer
-    // full fails with EAGAIN instead of waiting (requests here are far smaller than it).
+    // A second descriptor of the socket for io_uring. It shares the first's non-blocking flag,
+    // which io_uring does not honour on sockets: a send that finds the buffer full waits for
+    // room (tests/uring.rs), as a blocking one would.
     let sender = TcpStream::from_std(backend.as_fd().try_clone_to_owned()?.into());
     let (mut from_client, mut from_backend) =
         (Vec::with_capacity(CHUNK), Vec::with_capacity(CHUNK));
